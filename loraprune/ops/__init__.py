@@ -1,0 +1,22 @@
+"""The ops loraprune is built on, one module each, the PyTorch reference being the specification.
+
+Every op dispatches per call to the fastest backend that can run it (``cuda`` extension >
+``triton`` > ``torch``); see :mod:`loraprune.ops._dispatch` for the rules and
+``LORAPRUNE_BACKEND``.
+"""
+
+from loraprune.ops._dispatch import BACKENDS, BackendUnavailableError, backend_unavailable_reason
+from loraprune.ops.compact_linear import compact_linear
+from loraprune.ops.lora_importance import lora_importance
+from loraprune.ops.masked_lora_linear import masked_lora_linear
+from loraprune.ops.score_update import score_update
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "backend_unavailable_reason",
+    "compact_linear",
+    "lora_importance",
+    "masked_lora_linear",
+    "score_update",
+]
