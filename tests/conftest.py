@@ -42,7 +42,9 @@ def calib_text() -> Path:
     return shared_path("data", "calib-wikitext103-train-part.txt")
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)"
+)
 
 
 def triton_available() -> bool:

@@ -33,14 +33,22 @@ def check_tensor(
         raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
     if dtypes is not None and tensor.dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(tensor.dtype).removeprefix('torch.')}")
+        raise TypeError(
+            f"{name} must have dtype in ({allowed}), got {str(tensor.dtype).removeprefix('torch.')}"
+        )
     if device is not None and tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of the other inputs)")
     return tensor
 
 
-def check_scalar(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                 high_inclusive: bool = True) -> float:
+def check_scalar(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    high_inclusive: bool = True,
+) -> float:
     """Check a finite real number in ``[low, high]`` (or ``[low, high)``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

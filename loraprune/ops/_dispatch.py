@@ -52,8 +52,10 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
     if backend == "cuda":
         error = _import_error("loraprune._C")
         if error:
-            return (f"the CUDA extension loraprune._C is not built ({error}); reinstall with nvcc on PATH "
-                    "(LORAPRUNE_FORCE_CUDA_BUILD=1 pip install .)")
+            return (
+                f"the CUDA extension loraprune._C is not built ({error}); reinstall with nvcc on PATH "
+                "(LORAPRUNE_FORCE_CUDA_BUILD=1 pip install .)"
+            )
         if device.type != "cuda":
             return f"the CUDA extension needs CUDA tensors (got {device})"
         return None
@@ -71,8 +73,9 @@ def requested_backend(backend: str | None) -> str | None:
     return value
 
 
-def resolve(op: str, implementations: Mapping[str, str | Callable], device: torch.device,
-            backend: str | None = None) -> tuple[str, Callable]:
+def resolve(
+    op: str, implementations: Mapping[str, str | Callable], device: torch.device, backend: str | None = None
+) -> tuple[str, Callable]:
     """Pick the backend and implementation of ``op`` for tensors on ``device``.
 
     ``implementations`` maps backend names to callables or ``"module:function"`` paths that are
@@ -84,11 +87,13 @@ def resolve(op: str, implementations: Mapping[str, str | Callable], device: torc
         if reason:
             raise BackendUnavailableError(f"{op}: backend {forced!r} was requested but {reason}")
         return forced, _load(implementations[forced])
-    candidates = BACKENDS[BACKENDS.index(forced) + 1:] if forced else BACKENDS
+    candidates = BACKENDS[BACKENDS.index(forced) + 1 :] if forced else BACKENDS
     for name in candidates:
-        if name in implementations and (name == "torch" or device.type == "cuda"):
-            if backend_unavailable_reason(name, device) is None:
-                return name, _load(implementations[name])
+        runs_here = name == "torch" or (
+            device.type == "cuda" and backend_unavailable_reason(name, device) is None
+        )
+        if name in implementations and runs_here:
+            return name, _load(implementations[name])
     raise BackendUnavailableError(f"{op}: no backend can run on {device}")  # torch always can
 
 

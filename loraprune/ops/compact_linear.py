@@ -17,9 +17,15 @@ IMPLEMENTATIONS = {
 }
 
 
-def validate(weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-             lora_b: torch.Tensor | None, scaling: float, rows: torch.Tensor | None,
-             cols: torch.Tensor | None) -> None:
+def validate(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    rows: torch.Tensor | None,
+    cols: torch.Tensor | None,
+) -> None:
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     out_features, in_features = weight.shape
     device = weight.device
@@ -43,9 +49,15 @@ def validate(weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tens
             raise ValueError(f"{name} holds indices outside [0, {size})")
 
 
-def compact_linear_reference(weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-                             lora_b: torch.Tensor | None, scaling: float, rows: torch.Tensor | None = None,
-                             cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compact_linear_reference(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     merged = weight.float()
     if lora_a is not None:
         merged = merged + scaling * (lora_b.float() @ lora_a.float())
@@ -57,10 +69,17 @@ def compact_linear_reference(weight: torch.Tensor, bias: torch.Tensor | None, lo
     return merged.to(weight.dtype).contiguous(), new_bias
 
 
-def compact_linear(weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-                   lora_b: torch.Tensor | None, scaling: float, rows: torch.Tensor | None = None,
-                   cols: torch.Tensor | None = None, *,
-                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compact_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge LoRA into ``weight`` and keep only ``rows`` (int64, out side) and ``cols`` (in side).
 
     ``lora_a``/``lora_b`` ``None`` gives a plain slice; ``rows``/``cols`` ``None`` keeps all.

@@ -25,8 +25,14 @@ IMPLEMENTATIONS = {
 }
 
 
-def validate(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor,
-             grad_b: torch.Tensor, scaling: float) -> None:
+def validate(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    scaling: float,
+) -> None:
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     out_features, in_features = weight.shape
     check_tensor("lora_a", lora_a, ndim=2, dtypes=FLOAT_DTYPES, device=weight.device)
@@ -40,9 +46,15 @@ def validate(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, g
     check_scalar("scaling", scaling)
 
 
-def lora_importance_reference(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                              grad_a: torch.Tensor, grad_b: torch.Tensor, scaling: float,
-                              squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_importance_reference(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    scaling: float,
+    squared: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The specification: fp32 throughout, full-size temporaries allowed."""
     a, b, ga, gb = (t.float() for t in (lora_a, lora_b, grad_a, grad_b))
     estimated_grad = gb @ a + b @ ga - gb @ ga
@@ -52,9 +64,17 @@ def lora_importance_reference(weight: torch.Tensor, lora_a: torch.Tensor, lora_b
     return element.sum(dim=1), element.sum(dim=0)
 
 
-def lora_importance(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor,
-                    grad_b: torch.Tensor, scaling: float, *, squared: bool = False,
-                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_importance(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    scaling: float,
+    *,
+    squared: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row sums (out,) and column sums (in,) of the LoRA-guided importance, in float32.
 
     Args:

@@ -21,17 +21,29 @@ IMPLEMENTATIONS = {
 }
 
 
-def validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-             lora_b: torch.Tensor, scaling: float, out_mask: torch.Tensor | None, in_mask: torch.Tensor | None,
-             dropout_p: float) -> None:
+def validate(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    out_mask: torch.Tensor | None,
+    in_mask: torch.Tensor | None,
+    dropout_p: float,
+) -> None:
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     out_features, in_features = weight.shape
     device = weight.device
     check_tensor("x", x, dtypes=FLOAT_DTYPES, device=device)
     if x.ndim < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have last dimension {in_features} (weight.shape[1]), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have last dimension {in_features} (weight.shape[1]), got shape {tuple(x.shape)}"
+        )
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(device.type):
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; cast x or run under torch.autocast")
+        raise TypeError(
+            f"x has dtype {x.dtype} but weight has {weight.dtype}; cast x or run under torch.autocast"
+        )
     if bias is not None:
         check_tensor("bias", bias, shape=(out_features,), dtypes=FLOAT_DTYPES, device=device)
     check_tensor("lora_a", lora_a, ndim=2, dtypes=FLOAT_DTYPES, device=device)
@@ -48,10 +60,18 @@ def validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     check_scalar("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
 
 
-def masked_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                                 out_mask: torch.Tensor | None = None, in_mask: torch.Tensor | None = None,
-                                 dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+def masked_lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    out_mask: torch.Tensor | None = None,
+    in_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
     if in_mask is not None:
         x = x * in_mask.to(x.dtype)
     y = F.linear(x, weight, bias)
@@ -62,10 +82,20 @@ def masked_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: to
     return y
 
 
-def masked_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                       lora_b: torch.Tensor, scaling: float, out_mask: torch.Tensor | None = None,
-                       in_mask: torch.Tensor | None = None, *, dropout_p: float = 0.0, training: bool = False,
-                       backend: str | None = None) -> torch.Tensor:
+def masked_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    out_mask: torch.Tensor | None = None,
+    in_mask: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Forward of the masked LoRA linear (differentiable in ``x``, ``lora_a``, ``lora_b``).
 
     Args:
@@ -79,4 +109,6 @@ def masked_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     validate(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p)
     _, impl = resolve("masked_lora_linear", IMPLEMENTATIONS, x.device, backend)
-    return impl(x, weight, bias, lora_a, lora_b, float(scaling), out_mask, in_mask, float(dropout_p), training)
+    return impl(
+        x, weight, bias, lora_a, lora_b, float(scaling), out_mask, in_mask, float(dropout_p), training
+    )

@@ -31,8 +31,13 @@ IMPLEMENTATIONS = {
 MAX_PARTS = 8
 
 
-def validate(scores: torch.Tensor, parts: Sequence[torch.Tensor], decay: float, num_updates: torch.Tensor,
-             num_skipped: torch.Tensor) -> None:
+def validate(
+    scores: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    decay: float,
+    num_updates: torch.Tensor,
+    num_skipped: torch.Tensor,
+) -> None:
     check_tensor("scores", scores, ndim=1, dtypes=(torch.float32,))
     if not scores.is_contiguous():
         raise ValueError("scores must be contiguous (it is updated in place)")
@@ -44,15 +49,22 @@ def validate(scores: torch.Tensor, parts: Sequence[torch.Tensor], decay: float, 
     for i, part in enumerate(parts):
         check_tensor(f"parts[{i}]", part, ndim=1, dtypes=FLOAT_DTYPES, device=scores.device)
         if part.shape[0] == 0 or part.shape[0] % num_units:
-            raise ValueError(f"parts[{i}] has length {part.shape[0]}, not a positive multiple of the "
-                             f"{num_units} units in scores")
+            raise ValueError(
+                f"parts[{i}] has length {part.shape[0]}, not a positive multiple of the "
+                f"{num_units} units in scores"
+            )
     check_scalar("decay", decay, low=0.0, high=1.0, high_inclusive=False)
     for name, counter in (("num_updates", num_updates), ("num_skipped", num_skipped)):
         check_tensor(name, counter, shape=(), dtypes=(torch.int64,), device=scores.device)
 
 
-def score_update_reference(scores: torch.Tensor, parts: Sequence[torch.Tensor], decay: float,
-                           num_updates: torch.Tensor, num_skipped: torch.Tensor) -> None:
+def score_update_reference(
+    scores: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    decay: float,
+    num_updates: torch.Tensor,
+    num_skipped: torch.Tensor,
+) -> None:
     now = torch.zeros_like(scores)
     for part in parts:
         part = part.float()
@@ -65,8 +77,15 @@ def score_update_reference(scores: torch.Tensor, parts: Sequence[torch.Tensor], 
     num_skipped.add_((~finite).long())
 
 
-def score_update(scores: torch.Tensor, parts: Sequence[torch.Tensor], decay: float, num_updates: torch.Tensor,
-                 num_skipped: torch.Tensor, *, backend: str | None = None) -> None:
+def score_update(
+    scores: torch.Tensor,
+    parts: Sequence[torch.Tensor],
+    decay: float,
+    num_updates: torch.Tensor,
+    num_skipped: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
     """Update ``scores`` (float32, one entry per unit) in place from this step's ``parts``.
 
     Args:

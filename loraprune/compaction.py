@@ -1,0 +1,185 @@
+"""Compaction: physically remove masked heads and channels and merge LoRA.
+
+Reads the keep-masks off the patched projections (so it also works on a model masked by hand),
+checks that they describe valid structures, replaces every projection by a dense ``nn.Linear``
+(``W' = (W + s·B·A)[rows][:, cols]``, fp32 merge) and turns the model, in place and without
+copying weights, into the family's pruned class with the plan in its config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraprune import ops
+from loraprune.models import PRUNED_CLASSES, set_attention_heads
+from loraprune.nn import LoraPruneLinear
+from loraprune.structures import (
+    decoder_layers,
+    head_dim,
+    layer_shape,
+    model_type,
+    projection_paths,
+    unwrap_model,
+)
+
+
+def unit_keep(module: nn.Module, axis: str, width: int, path: str) -> torch.Tensor:
+    """Per-unit keep flags from a projection's mask; units of ``width`` must be kept or masked whole."""
+    if not isinstance(module, LoraPruneLinear):
+        size = module.out_features if axis == "out" else module.in_features
+        return torch.ones(size // width, dtype=torch.bool)
+    mask = (module.out_mask if axis == "out" else module.in_mask).cpu().view(-1, width)
+    keep = mask.all(dim=1)
+    if not torch.equal(keep, mask.any(dim=1)):
+        raise ValueError(
+            f"{path}: its {axis} mask keeps part of a unit of {width}; mask whole heads/channels"
+        )
+    return keep
+
+
+def _agreeing(name: str, *keeps: torch.Tensor) -> torch.Tensor:
+    if any(not torch.equal(keeps[0], k) for k in keeps[1:]):
+        raise ValueError(
+            f"{name}: the masks of its projections disagree; mask every member of a structure "
+            "together (LoraPruner.set_group_mask does)"
+        )
+    return keeps[0]
+
+
+def layer_keeps(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept query heads, KV heads and MLP channels of one layer, checked for consistency."""
+    shape = layer_shape(model, layer)
+    paths = projection_paths(model, layer)
+    modules = {name: model.get_submodule(path) for name, path in paths.items()}
+
+    def keep(name: str, axis: str, width: int) -> torch.Tensor:
+        return unit_keep(modules[name], axis, width, paths[name])
+
+    dim = shape.head_dim
+    heads = _agreeing(f"layer {layer} attention", keep("q_proj", "out", dim), keep("o_proj", "in", dim))
+    kv_heads = _agreeing(f"layer {layer} attention", keep("k_proj", "out", dim), keep("v_proj", "out", dim))
+    channels = _agreeing(
+        f"layer {layer} mlp",
+        keep("gate_proj", "out", 1),
+        keep("up_proj", "out", 1),
+        keep("down_proj", "in", 1),
+    )
+    per_group = heads.view(shape.num_kv_heads, -1).sum(dim=1)
+    if bool((per_group[~kv_heads] > 0).any()):
+        raise ValueError(f"layer {layer}: a query head is kept whose KV head is masked")
+    kept_groups = per_group[kv_heads]
+    if kept_groups.numel() == 0 or bool((kept_groups != kept_groups[0]).any()) or int(kept_groups[0]) == 0:
+        raise ValueError(
+            f"layer {layer}: every kept KV head must keep the same, non-zero number of query "
+            f"heads (got {per_group.tolist()})"
+        )
+    if not bool(channels.any()):
+        raise ValueError(f"layer {layer}: every MLP channel is masked")
+    return heads, kv_heads, channels
+
+
+@torch.no_grad()
+def compact(model: nn.Module) -> nn.Module:
+    """Remove masked structures, merge LoRA, and return the model as its pruned class (in place).
+
+    The result holds plain ``nn.Linear`` projections of per-layer sizes; its config records the
+    plan, so ``model.save_pretrained(dir)`` writes a checkpoint that
+    ``AutoModelForCausalLM.from_pretrained(dir)`` loads (after ``import loraprune``).
+    """
+    model = unwrap_model(model)
+    family = model_type(model)
+    old_plan = getattr(model.config, "pruned_layers", None)
+    dim = head_dim(model)
+    plan = []
+    for layer in range(len(decoder_layers(model))):
+        heads, kv_heads, channels = layer_keeps(model, layer)
+        kept_units = {
+            "heads": heads.nonzero().squeeze(1),
+            "kv": kv_heads.nonzero().squeeze(1),
+            "channels": channels.nonzero().squeeze(1),
+        }
+        rows = {
+            "q_proj": ("heads", dim),
+            "k_proj": ("kv", dim),
+            "v_proj": ("kv", dim),
+            "gate_proj": ("channels", 1),
+            "up_proj": ("channels", 1),
+        }
+        cols = {"o_proj": ("heads", dim), "down_proj": ("channels", 1)}
+        for name, path in projection_paths(model, layer).items():
+            module = model.get_submodule(path)
+            device = module.weight.device
+            row_index = _expand(kept_units, rows.get(name), module.out_features, device)
+            col_index = _expand(kept_units, cols.get(name), module.in_features, device)
+            lora_a = getattr(module, "lora_A", None)
+            weight, bias = ops.compact_linear(
+                module.weight,
+                module.bias,
+                lora_a,
+                getattr(module, "lora_B", None),
+                getattr(module, "scaling", 0.0),
+                row_index,
+                col_index,
+            )
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias)
+            model.set_submodule(path, linear)
+        set_attention_heads(
+            decoder_layers(model)[layer].self_attn, len(kept_units["heads"]), len(kept_units["kv"])
+        )
+        plan.append(_plan_entry(kept_units, None if old_plan is None else old_plan[layer]))
+    for param in model.parameters():
+        param.requires_grad_(True)  # a plain Hugging Face model again
+    return _convert(model, family, plan)
+
+
+def _expand(
+    kept_units: dict[str, torch.Tensor], spec: tuple[str, int] | None, size: int, device: torch.device
+) -> torch.Tensor | None:
+    """Row/column indices of the kept units, each unit ``width`` wide (``None``: keep all)."""
+    if spec is None:
+        return None
+    units, width = kept_units[spec[0]], spec[1]
+    index = (units[:, None] * width + torch.arange(width)).flatten()
+    return None if index.numel() == size else index.to(device)
+
+
+def _plan_entry(kept_units: dict[str, torch.Tensor], previous: dict | None) -> dict:
+    def original(key: str, units: torch.Tensor) -> list[int]:
+        return [previous[key][i] for i in units.tolist()] if previous else units.tolist()
+
+    heads, kv, channels = (
+        original("kept_heads", kept_units["heads"]),
+        original("kept_kv_heads", kept_units["kv"]),
+        original("kept_channels", kept_units["channels"]),
+    )
+    return {
+        "num_attention_heads": len(heads),
+        "num_key_value_heads": len(kv),
+        "intermediate_size": len(channels),
+        "kept_heads": heads,
+        "kept_kv_heads": kv,
+        "kept_channels": channels,
+    }
+
+
+def _convert(model: nn.Module, family: str, plan: list[dict]) -> nn.Module:
+    config_cls, model_cls = PRUNED_CLASSES[family]
+    old_config = model.config
+    data = old_config.to_dict()
+    for key in ("model_type", "transformers_version", "pruned_layers", "architectures"):
+        data.pop(key, None)
+    new_config = config_cls(
+        **data,
+        pruned_layers=plan,
+        architectures=[model_cls.__name__],
+        attn_implementation=old_config._attn_implementation,
+    )
+    for module in model.modules():
+        if getattr(module, "config", None) is old_config:
+            module.config = new_config
+    model.__class__ = model_cls  # a subclass adding only the plan-driven constructor: no state to convert
+    return model

@@ -1,0 +1,108 @@
+"""Configuration of LoRA adapters and structured pruning."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CRITERIA = ("lora", "taylor", "magnitude", "random")
+GQA_UNITS = ("kv_group", "q_head")
+RANKINGS = ("local", "global")
+
+
+@dataclass
+class LoraPruneConfig:
+    """Everything that decides how a model is adapted and pruned.
+
+    Attributes:
+        ratio: target fraction of attention heads and of MLP channels removed in each pruned
+            layer, in [0, 1).
+        criterion: importance criterion: ``lora`` (LoRAPrune: from LoRA factors and their
+            gradients), ``taylor`` (LLM-Pruner first order: needs the frozen weights' gradients),
+            ``magnitude`` (L2 of the merged weights) or ``random`` (seeded).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling = alpha / r) and dropout.
+        target_modules: projections that get LoRA adapters.
+        prune_heads, prune_channels: prune attention heads and/or MLP channels.
+        gqa_unit: with grouped-query attention, prune whole KV groups (``kv_group``: k and v
+            rows, their query heads and o_proj columns) or the same number of query heads inside
+            every group (``q_head``). Identical for multi-head attention.
+        layers: indices of the decoder layers to prune; ``None`` skips the first
+            ``int(0.1·L)`` layers and the last one, as LoRAPrune does.
+        ranking: ``local`` ranks each layer on its own (uniform ratio); ``global`` ranks the
+            units of all pruned layers together.
+        round_to: keep MLP channel counts at multiples of this (GEMMs are slow on unaligned
+            sizes); applied when masks are chosen, so the masked and compacted models agree.
+        ema_decay: λ of the moving average ``S ← λS + (1−λ)S_now``.
+        squared: element importance ``(G⊙W')²`` instead of ``|G⊙W'|``.
+        seed: seeds the LoRA initialisation and the ``random`` criterion.
+    """
+
+    ratio: float = 0.5
+    criterion: str = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS
+    prune_heads: bool = True
+    prune_channels: bool = True
+    gqa_unit: str = "kv_group"
+    layers: tuple[int, ...] | None = None
+    ranking: str = "local"
+    round_to: int = 1
+    ema_decay: float = 0.9
+    squared: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
+        check_ratio(self.ratio, "ratio")
+        _check_choice("criterion", self.criterion, CRITERIA)
+        _check_choice("gqa_unit", self.gqa_unit, GQA_UNITS)
+        _check_choice("ranking", self.ranking, RANKINGS)
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
+            raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        unknown = set(self.target_modules) - set(ALL_PROJECTIONS)
+        if unknown or not self.target_modules:
+            raise ValueError(
+                f"target_modules must be a non-empty subset of {ALL_PROJECTIONS}, got {self.target_modules!r}"
+            )
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (self.prune_heads or self.prune_channels):
+            raise ValueError("prune_heads and prune_channels are both False: nothing to prune")
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_r
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraPruneConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown LoraPruneConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def check_ratio(value: float, name: str = "ratio") -> float:
+    """A pruning ratio: a real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

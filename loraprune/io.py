@@ -1,0 +1,105 @@
+"""Loading checkpoints with clear errors, and atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loraprune.structures import PRUNED_MODEL_TYPE_PREFIX, SUPPORTED_MODEL_TYPES
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# transformers renamed from_pretrained's torch_dtype to dtype in 4.56
+_DTYPE_KWARG = (
+    "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+)
+
+
+def parse_dtype(dtype: str | torch.dtype, name: str = "dtype") -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+def parse_device(device: str | torch.device, name: str = "device") -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: CUDA was requested but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+def check_model_dir(model_dir: str | os.PathLike, name: str = "model_dir") -> Path:
+    """A directory with a config.json of a supported family; returns it as a Path."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{name}: {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{name}: {path} has no config.json (not a Hugging Face checkpoint)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{name}: cannot read {config_file}: {exc}") from None
+    if str(model_type).removeprefix(PRUNED_MODEL_TYPE_PREFIX) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{name}: unsupported architecture {model_type!r} (config.json model_type); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return path
+
+
+def load_model(
+    model_dir: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a (pruned or dense) checkpoint of a supported family onto ``device`` in ``dtype``."""
+    path = check_model_dir(model_dir)
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, **{_DTYPE_KWARG: dtype})
+    return model.to(device)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The checkpoint's tokenizer, or ``None`` when it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(Path(model_dir))
+    except (OSError, ValueError):
+        return None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,246 @@
+"""The masked LoRA linear module and the in-place patching of a loaded model.
+
+``patch_model`` swaps the seven projections of every decoder layer (q/k/v/o, gate/up/down)
+for :class:`LoraPruneLinear`: the frozen base weight, LoRA factors (on ``target_modules``) and
+keep-masks over output features (q/k/v/gate/up rows) and input features (o/down columns).
+Projections without LoRA still carry masks, so every member of a pruned structure can be
+zeroed. ``unpatch_model`` swaps them back for plain ``nn.Linear`` layers with LoRA merged and
+masked structures zeroed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraprune import ops
+from loraprune.config import LoraPruneConfig
+from loraprune.structures import decoder_layers, projection_paths, unwrap_model
+
+
+class LoraPruneLinear(nn.Module):
+    """``y = ((x⊙m_in) Wᵀ + b + s·drop(x⊙m_in) Aᵀ Bᵀ) ⊙ m_out`` with ``W``, ``b`` frozen.
+
+    ``lora_A`` (r×in) and ``lora_B`` (out×r) are the trainable factors (``None`` when
+    ``r == 0``: a frozen, maskable linear); ``out_mask`` and ``in_mask`` are bool keep-masks.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be 2-D (out×in), got shape {tuple(weight.shape)}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"r must be a non-negative integer, got {r!r}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.r = r
+        self.scaling = alpha / r if r else 0.0
+        self.dropout = dropout
+        if r:
+            device = weight.device
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=lora_dtype))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=lora_dtype))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
+        else:
+            self.lora_A = self.lora_B = None
+        self.register_buffer(
+            "out_mask", torch.ones(self.out_features, dtype=torch.bool, device=weight.device)
+        )
+        self.register_buffer("in_mask", torch.ones(self.in_features, dtype=torch.bool, device=weight.device))
+        self._refresh_mask_flags()
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_mask_flags())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> LoraPruneLinear:
+        return cls(linear.weight, linear.bias, r, alpha, dropout)
+
+    @classmethod
+    def from_peft(cls, layer: nn.Module, adapter_name: str) -> LoraPruneLinear:
+        """Take over a PEFT LoRA ``Linear``: its base layer, ``A``, ``B``, scaling and dropout."""
+        base = layer.get_base_layer()
+        lora_a = layer.lora_A[adapter_name].weight
+        lora_b = layer.lora_B[adapter_name].weight
+        dropout = layer.lora_dropout[adapter_name]
+        module = cls(base.weight, base.bias, lora_a.shape[0], 1.0, getattr(dropout, "p", 0.0), lora_a.dtype)
+        module.scaling = float(layer.scaling[adapter_name])
+        with torch.no_grad():
+            module.lora_A.copy_(lora_a)
+            module.lora_B.copy_(lora_b)
+        return module
+
+    def _refresh_mask_flags(self) -> None:
+        # Python-side flags so that the forward passes no mask (and syncs nothing) when all is kept.
+        self._out_masked = not bool(self.out_mask.all())
+        self._in_masked = not bool(self.in_mask.all())
+
+    def set_masks(self, out_mask: torch.Tensor | None = None, in_mask: torch.Tensor | None = None) -> None:
+        """Replace the keep-masks (bool, ``out_features`` / ``in_features`` long); ``None`` leaves one as is."""
+        for name, mask, size in (
+            ("out_mask", out_mask, self.out_features),
+            ("in_mask", in_mask, self.in_features),
+        ):
+            if mask is None:
+                continue
+            if mask.dtype != torch.bool or mask.shape != (size,):
+                raise ValueError(
+                    f"{name} must be a bool tensor of shape ({size},), got {mask.dtype} {tuple(mask.shape)}"
+                )
+            getattr(self, name).copy_(mask)
+        self._refresh_mask_flags()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_mask = self.out_mask if self._out_masked else None
+        in_mask = self.in_mask if self._in_masked else None
+        if self.lora_A is None:
+            if in_mask is not None:
+                x = x * in_mask.to(x.dtype)
+            y = F.linear(x, self.weight, self.bias)
+            return y if out_mask is None else y * out_mask.to(y.dtype)
+        return ops.masked_lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            out_mask,
+            in_mask,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer: LoRA merged, masked rows/columns zeroed."""
+        weight, bias = ops.compact_linear(self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        weight = weight * self.out_mask[:, None].to(weight.dtype) * self.in_mask[None, :].to(weight.dtype)
+        if bias is not None:
+            bias = bias * self.out_mask.to(bias.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout:g}, bias={self.bias is not None}"
+        )
+
+
+def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.Module:
+    """Swap the projections of every decoder layer for :class:`LoraPruneLinear`, in place.
+
+    ``model`` is a Hugging Face causal LM of a supported family, or a PEFT model wrapping one,
+    whose LoRA adapters (active adapter) are taken over. Every parameter except the LoRA factors
+    is frozen. Returns the (unwrapped) Hugging Face model; patching twice is a no-op. Everything
+    is checked before the first module is swapped, so a rejected model is left untouched.
+    """
+    config = config or LoraPruneConfig()
+    peft_adapter = _active_peft_adapter(model)
+    model = unwrap_model(model)
+    targets = {}
+    for layer_index in range(len(decoder_layers(model))):
+        for name, path in projection_paths(model, layer_index).items():
+            module = model.get_submodule(path)
+            if isinstance(module, LoraPruneLinear):
+                continue
+            takes_over_peft = peft_adapter is not None and _is_peft_lora_layer(module)
+            if not takes_over_peft and (not isinstance(module, nn.Linear) or _is_peft_lora_layer(module)):
+                raise TypeError(
+                    f"model: {path} is a {type(module).__name__}, expected nn.Linear "
+                    "(quantized or custom projections are not supported yet)"
+                )
+            targets[path] = (name, module)
+    if peft_adapter is not None:
+        stray = [p for p, m in model.named_modules() if _is_peft_lora_layer(m) and p not in targets]
+        if stray:
+            raise TypeError(
+                f"model: PEFT LoRA adapters outside the q/k/v/o/gate/up/down projections are not "
+                f"supported: {stray[:3]}"
+            )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)  # LoRA initialisation is reproducible from the config's seed
+    try:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for path, (name, module) in targets.items():
+            if _is_peft_lora_layer(module):
+                new = LoraPruneLinear.from_peft(module, peft_adapter)
+            else:
+                r = config.lora_r if name in config.target_modules else 0
+                new = LoraPruneLinear.from_linear(module, r, config.lora_alpha, config.lora_dropout)
+            model.set_submodule(path, new)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Swap every :class:`LoraPruneLinear` back for an ``nn.Linear`` (LoRA merged, masks applied), in place."""
+    model = unwrap_model(model)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraPruneLinear):
+            model.set_submodule(path, module.merged_linear())
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraPruneLinear]:
+    """The patched projections of ``model`` by module path."""
+    return {path: m for path, m in unwrap_model(model).named_modules() if isinstance(m, LoraPruneLinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA factors, in a stable order."""
+    params = []
+    for module in lora_modules(model).values():
+        if module.lora_A is not None:
+            params += [module.lora_A, module.lora_B]
+    return params
+
+
+def _is_peft_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "scaling")
+
+
+def _active_peft_adapter(model: nn.Module) -> str | None:
+    if not hasattr(model, "peft_config"):
+        return None
+    adapter = model.active_adapter
+    if isinstance(adapter, (list, tuple)):
+        if len(adapter) != 1:
+            raise ValueError(f"model: exactly one active PEFT adapter is supported, got {adapter}")
+        adapter = adapter[0]
+    peft_type = str(getattr(model.peft_config[adapter], "peft_type", ""))
+    if "LORA" not in peft_type.upper():
+        raise ValueError(f"model: PEFT adapter {adapter!r} is {peft_type}, only LoRA can be taken over")
+    for module in model.modules():
+        if _is_peft_lora_layer(module) and adapter in module.lora_A:
+            if not isinstance(module.get_base_layer(), nn.Linear):
+                raise TypeError(
+                    f"model: PEFT LoRA on a {type(module.get_base_layer()).__name__} is not supported"
+                )
+            if getattr(module, "use_dora", {}).get(adapter, False):
+                raise ValueError(f"model: PEFT adapter {adapter!r} uses DoRA, which cannot be taken over")
+    return adapter
+
+
+__all__ = ["LoraPruneLinear", "lora_modules", "lora_parameters", "patch_model", "unpatch_model"]

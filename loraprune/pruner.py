@@ -1,0 +1,134 @@
+"""The pruning API: track importance during LoRA fine-tuning, grow masks, compact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraprune.compaction import compact
+from loraprune.config import LoraPruneConfig, check_ratio
+from loraprune.importance import ImportanceTracker
+from loraprune.masks import global_prune_counts, grow_mask, prune_count
+from loraprune.nn import LoraPruneLinear, lora_modules, lora_parameters, patch_model
+from loraprune.structures import StructureGroup, build_groups
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    name: str
+    kind: str
+    kept: int
+    total: int
+
+
+class LoraPruner:
+    """Prunes a Hugging Face causal LM's heads and MLP channels, guided by importance.
+
+    Typical loop::
+
+        pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5))
+        optimizer = torch.optim.AdamW(pruner.trainable_parameters(), lr=1e-4)
+        for step, batch in enumerate(batches, 1):
+            model(**batch).loss.backward()
+            pruner.update_scores()            # before the optimizer zeroes the gradients
+            optimizer.step(); model.zero_grad()
+            if step % 10 == 0:
+                pruner.prune(schedule(step))  # masks only grow
+        model = pruner.compact()              # dense, smaller, LoRA merged
+
+    The model is patched in place (see :func:`loraprune.nn.patch_model`).
+    """
+
+    def __init__(self, model: nn.Module, config: LoraPruneConfig | None = None) -> None:
+        self.config = config or LoraPruneConfig()
+        self.model = patch_model(model, self.config)
+        self.groups: list[StructureGroup] = build_groups(self.model, self.config)
+        self.tracker = ImportanceTracker(self.model, self.groups, self.config)
+        self.keep = [torch.ones(g.num_units, dtype=torch.bool) for g in self.groups]
+        if self.tracker.needs_weight_grad:
+            for group in self.groups:
+                for member in group.members:
+                    self.model.get_submodule(member.path).weight.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return lora_parameters(self.model)
+
+    def update_scores(self) -> None:
+        """Fold the current gradients into the running importance (after backward, before zero_grad)."""
+        self.tracker.update()
+
+    def prune(self, ratio: float | None = None) -> None:
+        """Grow the masks to ``ratio`` (default: the config's target) of each group's units."""
+        ratio = self.config.ratio if ratio is None else check_ratio(ratio, "ratio")
+        if ratio > 0 and self.tracker.num_applied_updates() == 0:
+            raise RuntimeError(
+                "no importance scores yet: call update_scores() after a backward pass before prune()"
+            )
+        scores = [s.detach().float().cpu() for s in self.tracker.scores]
+        if self.config.ranking == "global":
+            targets = global_prune_counts(self.groups, scores, self.keep, ratio)
+        else:
+            targets = [prune_count(g, ratio) for g in self.groups]
+        for i, (group, target) in enumerate(zip(self.groups, targets, strict=True)):
+            keep = grow_mask(self.keep[i], scores[i], target, group.blocks)
+            if not torch.equal(keep, self.keep[i]):
+                self.set_group_mask(i, keep)
+
+    def set_group_mask(self, index: int, keep: torch.Tensor) -> None:
+        """Apply a unit keep-mask to every member matrix of group ``index``."""
+        group = self.groups[index]
+        if keep.dtype != torch.bool or keep.shape != (group.num_units,):
+            raise ValueError(f"keep must be a bool tensor of shape ({group.num_units},) for {group.name}")
+        self.keep[index] = keep.clone()
+        for member in group.members:
+            module: LoraPruneLinear = self.model.get_submodule(member.path)
+            size = module.out_features if member.axis == "out" else module.in_features
+            mask = keep.repeat_interleave(size // group.num_units).to(module.weight.device)
+            module.set_masks(**{f"{member.axis}_mask": mask})
+
+    def status(self) -> list[GroupStatus]:
+        return [
+            GroupStatus(g.name, g.kind, int(k.sum()), g.num_units)
+            for g, k in zip(self.groups, self.keep, strict=True)
+        ]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(dense, kept) parameter counts of the base model, LoRA factors excluded."""
+        return count_parameters(self.model)
+
+    def compact(self) -> nn.Module:
+        """Remove masked structures and merge LoRA (see :func:`loraprune.compaction.compact`)."""
+        return compact(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Masks and importance state (LoRA factors live in the model's own state dict)."""
+        state = {f"{g.name}.keep": k for g, k in zip(self.groups, self.keep, strict=True)}
+        state.update(self.tracker.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tracker.load_state_dict(state)
+        for i, group in enumerate(self.groups):
+            keep = state.get(f"{group.name}.keep")
+            if keep is None:
+                raise ValueError(f"pruner state: {group.name}.keep is missing")
+            self.set_group_mask(i, keep.cpu())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(dense, kept) parameter counts, LoRA factors excluded; kept counts honour the masks."""
+    patched = lora_modules(model)
+    lora_ids = {id(p) for m in patched.values() if m.lora_A is not None for p in (m.lora_A, m.lora_B)}
+    dense = kept = 0
+    for param in model.parameters():
+        if id(param) not in lora_ids:
+            dense += param.numel()
+            kept += param.numel()
+    for module in patched.values():
+        rows, cols = int(module.out_mask.sum()), int(module.in_mask.sum())
+        kept -= module.weight.numel() - rows * cols
+        if module.bias is not None:
+            kept -= module.out_features - rows
+    return dense, kept

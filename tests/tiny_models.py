@@ -1,0 +1,68 @@
+"""Small random models of the supported families, and helpers to give LoRA non-trivial values."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+# (family, query heads, KV heads, tied embeddings): MHA and GQA, tied and untied, with and without bias
+CONFIGS = {
+    "llama-mha-untied": ("llama", 4, 4, False),
+    "llama-gqa-tied": ("llama", 6, 2, True),
+    "mistral-gqa": ("mistral", 4, 2, False),
+    "qwen2-gqa-bias-tied": ("qwen2", 4, 2, True),
+}
+
+
+def tiny_model(
+    name: str = "llama-mha-untied", layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    family, heads, kv_heads, tied = CONFIGS[name]
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    with torch.no_grad():  # HF's 0.02 init gives near-uniform logits that hide mistakes
+        for name, param in model.named_parameters():
+            if param.ndim == 2 or name.endswith("bias"):
+                param.normal_(0, 0.2)
+    return model
+
+
+def randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
+    """Non-zero B (and fresh A) so that merges and LoRA paths are exercised."""
+    from loraprune.nn import lora_modules
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            if module.lora_A is not None:
+                module.lora_A.copy_(torch.randn(module.lora_A.shape, generator=generator) * 0.3)
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.3)
+
+
+def random_tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
