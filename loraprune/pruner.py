@@ -88,6 +88,18 @@ class LoraPruner:
             mask = keep.repeat_interleave(size // group.num_units).to(module.weight.device)
             module.set_masks(**{f"{member.axis}_mask": mask})
 
+    def finish_scoring(self) -> None:
+        """Scores are no longer needed: stop the frozen weights' gradients (``taylor``) to free memory."""
+        if self.tracker.needs_weight_grad:
+            for group in self.groups:
+                for member in group.members:
+                    module = self.model.get_submodule(member.path)
+                    module.weight.requires_grad_(False)
+                    module.weight.grad = None
+
+    def masked_anything(self) -> bool:
+        return any(not bool(k.all()) for k in self.keep)
+
     def status(self) -> list[GroupStatus]:
         return [
             GroupStatus(g.name, g.kind, int(k.sum()), g.num_units)

@@ -1,0 +1,473 @@
+"""``loraprune`` command line: ``prune``, ``eval`` and ``info``.
+
+Bad input (missing paths, a data file too short for one window, a ratio outside [0, 1), too
+few steps, an unsupported architecture, CUDA without a GPU) gives one error line naming the
+argument and exit code 2, before anything is written to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+CHECKPOINT_NAME = "checkpoint.safetensors"
+REPORT_NAME = "prune_report.json"
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line instead of argparse's usage dump."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated layer indices, got {text!r}") from None
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype; on CUDA also the autocast dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="loraprune",
+        description="LoRA-guided structured pruning of LLaMA-family models (LoRAPrune), with fused kernels.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="prune a checkpoint while LoRA fine-tunes, then compact it")
+    prune.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    prune.add_argument(
+        "--data",
+        required=True,
+        help="calibration/fine-tuning text: a file, a directory of "
+        "*.txt, or hf:NAME[:CONFIG][@SPLIT] with the datasets library",
+    )
+    prune.add_argument("--ratio", type=_ratio, required=True, help="fraction of heads and channels to remove")
+    prune.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps T")
+    prune.add_argument("--out", required=True, metavar="OUT_DIR", help="where the pruned model is written")
+    prune.add_argument("--criterion", default="lora", choices=["lora", "taylor", "magnitude", "random"])
+    prune.add_argument(
+        "--mode",
+        default="iterative",
+        choices=["iterative", "oneshot"],
+        help="iterative: prune on a cubic schedule while fine-tuning (LoRAPrune); oneshot: "
+        "score on calibration batches, prune, then fine-tune (LLM-Pruner)",
+    )
+    prune.add_argument("--lora-r", type=_positive_int, default=8)
+    prune.add_argument("--lora-alpha", type=float, default=16.0)
+    prune.add_argument("--lora-dropout", type=float, default=0.05)
+    prune.add_argument("--lr", type=float, default=1e-4)
+    prune.add_argument("--batch-size", type=_positive_int, default=8)
+    prune.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    prune.add_argument("--max-grad-norm", type=float, default=1.0)
+    prune.add_argument("--seq-len", type=_positive_int, default=512)
+    prune.add_argument("--prune-every", type=_positive_int, default=10)
+    prune.add_argument("--warmup", type=float, default=0.1, help="fraction of steps before pruning starts")
+    prune.add_argument(
+        "--cooldown", type=float, default=0.1, help="fraction of steps after the target is reached"
+    )
+    prune.add_argument(
+        "--calib-batches", type=_positive_int, default=8, help="scoring batches in oneshot mode"
+    )
+    prune.add_argument(
+        "--round-to", type=_positive_int, default=1, help="keep MLP channel counts at multiples"
+    )
+    prune.add_argument("--ranking", default="local", choices=["local", "global"])
+    prune.add_argument("--gqa-unit", default="kv_group", choices=["kv_group", "q_head"])
+    prune.add_argument(
+        "--layers",
+        type=_layers,
+        default=None,
+        help="comma-separated layers to prune (default: all but the first 10%% and the last)",
+    )
+    prune.add_argument("--ema-decay", type=float, default=0.9)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument(
+        "--save-every", type=_non_negative_int, default=50, help="checkpoint period in steps (0: off)"
+    )
+    prune.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        default=None,
+        help="stop after this many steps, leaving a checkpoint for --resume",
+    )
+    prune.add_argument("--resume", action="store_true", help="continue from OUT_DIR's checkpoint")
+    prune.add_argument("--overwrite", action="store_true", help="write into an existing OUT_DIR")
+    prune.add_argument(
+        "--eval-data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="perplexity after pruning on this text (repeatable)",
+    )
+    prune.add_argument("--eval-seq-len", type=_positive_int, default=512)
+    prune.add_argument("--eval-max-windows", type=_positive_int, default=None)
+    _add_runtime_flags(prune)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
+    evaluate.add_argument("model_dir", metavar="MODEL_DIR")
+    evaluate.add_argument("--data", required=True, help="text file (or directory of *.txt)")
+    evaluate.add_argument("--seq-len", type=_positive_int, default=512)
+    evaluate.add_argument("--max-windows", type=_positive_int, default=None)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument(
+        "--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_runtime_flags(evaluate)
+
+    info = commands.add_parser("info", help="per-layer structure of a checkpoint")
+    info.add_argument("model_dir", metavar="MODEL_DIR")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a flag argparse rejected (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt as exc:
+        print(f"loraprune: {exc or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"loraprune {args.command}: error: {_flagify(str(exc), parser, args.command)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _flagify(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """Name command-line flags, not Python fields: ``prune_every`` becomes ``--prune-every``.
+
+    Snake-case names are replaced anywhere; one-word names (``steps``) only where the message,
+    a parenthesis or a ``;``-separated item starts with them, so that ordinary words stay words.
+    """
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            flag = max(action.option_strings, key=len)
+            pattern = (
+                rf"(?<![\w-]){re.escape(action.dest)}\b"
+                if "_" in action.dest
+                else rf"(?:^|(?<=\()|(?<=; )){action.dest}\b"
+            )
+            message = re.sub(pattern, flag, message)
+    return re.sub(r"(?<![\w-])model_dir\b", "MODEL_DIR", message)
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    from loraprune.io import parse_device, parse_dtype
+
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"), "--dtype")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise CliError("--dtype float16 needs --device cuda (use float32 or bfloat16 on the CPU)")
+    return device, dtype
+
+
+def _load(model_dir: str, device: torch.device, dtype: torch.dtype):
+    from loraprune.io import check_model_dir, load_model, load_tokenizer
+
+    check_model_dir(model_dir, "MODEL_DIR")
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise CliError(f"MODEL_DIR: {model_dir} has no tokenizer (save one with the model)")
+    return load_model(model_dir, dtype=dtype, device=device), tokenizer
+
+
+def _prepare_out_dir(args: argparse.Namespace) -> Path:
+    """Check OUT_DIR against --resume/--overwrite without writing anything."""
+    out = Path(args.out)
+    checkpoint = out / CHECKPOINT_NAME
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out: {out} exists and is not a directory")
+    if args.resume:
+        if not checkpoint.is_file():
+            raise CliError(f"--resume: {checkpoint} does not exist (nothing to resume)")
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(
+            f"--out: {out} exists and is not empty; pass --overwrite to write into it or --resume "
+            "to continue its run"
+        )
+    return out
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from loraprune.config import LoraPruneConfig
+    from loraprune.data import read_text, tokenize, windows
+    from loraprune.run import PruningRun, RunConfig
+
+    out = _prepare_out_dir(args)
+    device, dtype = _device_and_dtype(args)
+    prune_config = LoraPruneConfig(
+        ratio=args.ratio,
+        criterion=args.criterion,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        gqa_unit=args.gqa_unit,
+        layers=args.layers,
+        ranking=args.ranking,
+        round_to=args.round_to,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+    )
+    run_config = RunConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        max_grad_norm=args.max_grad_norm,
+        prune_every=args.prune_every,
+        warmup=args.warmup,
+        cooldown=args.cooldown,
+        mode=args.mode,
+        calib_batches=args.calib_batches,
+        save_every=args.save_every,
+    )
+    for path in args.eval_data:
+        if not Path(path).exists():
+            raise CliError(f"--eval-data: {path} does not exist")
+    model, tokenizer = _load(args.model_dir, device, dtype)
+    token_windows = windows(tokenize(tokenizer, read_text(args.data, "--data")), args.seq_len, "--data")
+    amp_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
+    run = PruningRun(
+        model,
+        token_windows,
+        prune_config,
+        run_config,
+        seed=args.seed,
+        amp_dtype=amp_dtype,
+        checkpoint=out / CHECKPOINT_NAME,
+        progress=not args.quiet,
+    )
+    dense_parameters, _ = run.pruner.parameter_counts()
+    out.mkdir(parents=True, exist_ok=True)  # everything is validated: OUT_DIR may be written from here on
+    if args.resume:
+        run.load_checkpoint()
+        _say(args, f"resuming at step {run.step} of {run_config.steps}")
+    summary = run.run(stop_after=args.stop_after)
+    if not summary.finished:
+        _say(args, f"stopped after step {summary.steps_done}; continue with --resume")
+        return 0
+    status = run.pruner.status()
+    pruned = run.pruner.compact()
+    pruned.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    evaluations = [
+        _perplexity(pruned, tokenizer, path, args.eval_seq_len, args.eval_max_windows, 8, args.quiet)
+        for path in args.eval_data
+    ]
+    report = _prune_report(
+        args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
+    )
+    from loraprune.io import atomic_write_text
+
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+    after = report["parameters"]
+    _say(
+        args,
+        f"pruned {args.model_dir} -> {out}: {after['before']:,} -> {after['after']:,} parameters "
+        f"({after['after'] / after['before']:.1%}), final loss {summary.final_loss:.4f}",
+    )
+    for evaluation in evaluations:
+        _say(args, f"perplexity {evaluation['perplexity']:.3f} on {evaluation['dataset']}")
+    return 0
+
+
+def _perplexity(
+    model, tokenizer, data: str, seq_len: int, max_windows: int | None, batch_size: int, quiet: bool
+) -> dict:
+    from loraprune.evaluate import perplexity
+
+    return perplexity(
+        model,
+        tokenizer,
+        data,
+        seq_len=seq_len,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        progress=not quiet,
+    ).to_dict()
+
+
+def _prune_report(
+    args, prune_config, run_config, model, status, dense_parameters, summary, evaluations, device, dtype
+) -> dict:
+    import transformers
+
+    import loraprune
+
+    config = model.config
+    layers = []
+    for index, entry in enumerate(config.pruned_layers):
+        layers.append(
+            {
+                "layer": index,
+                "heads": entry["num_attention_heads"],
+                "heads_total": config.num_attention_heads,
+                "kv_heads": entry["num_key_value_heads"],
+                "kv_heads_total": config.num_key_value_heads,
+                "channels": entry["intermediate_size"],
+                "channels_total": config.intermediate_size,
+                "kept_heads": entry["kept_heads"],
+                "kept_kv_heads": entry["kept_kv_heads"],
+            }
+        )
+    after = sum(p.numel() for p in model.parameters())
+    return {
+        "model": str(args.model_dir),
+        "data": str(args.data),
+        "criterion": prune_config.criterion,
+        "mode": run_config.mode,
+        "ratio": prune_config.ratio,
+        "steps": summary.steps_done,
+        "seed": args.seed,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "prune_config": prune_config.to_dict(),
+        "run_config": {k: v for k, v in vars(run_config).items()},
+        "groups": [vars(s) for s in status],
+        "layers": layers,
+        "parameters": {"before": dense_parameters, "after": after, "ratio": after / dense_parameters},
+        "final_loss": summary.final_loss,
+        "tokens_seen": summary.tokens_seen,
+        "wall_time_s": summary.wall_time_s,
+        "peak_memory_bytes": summary.peak_memory_bytes,
+        "peak_memory_kind": summary.peak_memory_kind,
+        "skipped_score_updates": summary.skipped_score_updates,
+        "eval": evaluations,
+        "versions": {
+            "loraprune": loraprune.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loraprune.data import read_text
+
+    device, dtype = _device_and_dtype(args)
+    read_text(args.data, "--data")  # fail on a bad path before loading the model
+    model, tokenizer = _load(args.model_dir, device, dtype)
+    result = _perplexity(
+        model, tokenizer, args.data, args.seq_len, args.max_windows, args.batch_size, args.quiet
+    )
+    result["model"] = str(args.model_dir)
+    if args.tasks:
+        from loraprune.evaluate import lm_eval_tasks
+
+        result["tasks"] = lm_eval_tasks(model, tokenizer, args.tasks.split(","), batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"perplexity {result['perplexity']:.3f}  ({result['dataset']}: seq_len {result['seq_len']}, "
+            f"{result['windows']} windows, {result['tokens']} tokens, {result['dtype']})"
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from loraprune.io import check_model_dir
+    from loraprune.structures import layer_shape
+
+    path = check_model_dir(args.model_dir, "MODEL_DIR")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):  # shapes and counts only: no weights are read
+        model = AutoModelForCausalLM.from_config(config)
+    rows = []
+    for index, layer in enumerate(model.model.layers):
+        shape = layer_shape(model, index)
+        rows.append(
+            {
+                "layer": index,
+                "heads": shape.num_heads,
+                "kv_heads": shape.num_kv_heads,
+                "channels": shape.intermediate_size,
+                "parameters": sum(p.numel() for p in layer.parameters()),
+            }
+        )
+    total = sum(p.numel() for p in model.parameters())
+    if args.json:
+        print(
+            json.dumps(
+                {"model": str(path), "model_type": config.model_type, "parameters": total, "layers": rows}
+            )
+        )
+        return 0
+    print(f"{path}  ({config.model_type}, head_dim {shape.head_dim}, {total:,} parameters)")
+    print(f"{'layer':>5} {'heads':>6} {'kv':>4} {'channels':>9} {'parameters':>12}")
+    for row in rows:
+        print(
+            f"{row['layer']:>5} {row['heads']:>6} {row['kv_heads']:>4} {row['channels']:>9} {row['parameters']:>12,}"
+        )
+    return 0
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

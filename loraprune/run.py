@@ -1,0 +1,399 @@
+"""The LoRAPrune procedure: prune on a cubic schedule while LoRA fine-tunes; resumable.
+
+One plain loop (no Trainer): AdamW on the LoRA factors, gradient accumulation and clipping,
+autocast on the GPU with loss scaling for fp16 (scores are computed after ``unscale_``, on the
+true gradients). After every optimizer-step backward the importance moves; at each pruning step
+the masks grow to the schedule's ratio, reaching the exact target at ``T − cT``; the masked
+model then keeps fine-tuning to ``T``. ``mode="oneshot"`` is LLM-Pruner's recipe instead:
+score once on calibration batches, prune to the target, then fine-tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from loraprune.config import LoraPruneConfig
+from loraprune.data import WindowSampler
+from loraprune.masks import cubic_ratio
+from loraprune.nn import lora_modules
+from loraprune.pruner import LoraPruner
+
+MODES = ("iterative", "oneshot")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunConfig:
+    """How long and how the model fine-tunes while it is pruned (see the module docstring)."""
+
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    prune_every: int = 10
+    warmup: float = 0.1
+    cooldown: float = 0.1
+    mode: str = "iterative"
+    calib_batches: int = 8
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "prune_every", "calib_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0: never), got {self.save_every!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
+        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
+            raise ValueError(
+                f"warmup and cooldown must be fractions in [0, 1) summing below 1, got "
+                f"{self.warmup} and {self.cooldown}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "iterative" and self.steps < self.prune_every:
+            raise ValueError(
+                f"steps ({self.steps}) is fewer than prune_every ({self.prune_every}): the "
+                "schedule needs at least one pruning step"
+            )
+
+    def prune_steps(self) -> list[int]:
+        """Optimizer steps after which masks grow: every ``prune_every`` steps past the warm-up,
+        and the first step of the cool-down, which reaches the target."""
+        if self.mode == "oneshot":
+            return []
+        end = max(1, math.ceil(self.steps - self.cooldown * self.steps))
+        start = self.warmup * self.steps
+        return sorted({t for t in range(self.prune_every, end, self.prune_every) if t > start} | {end})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class RunSummary:
+    steps_done: int
+    finished: bool
+    final_loss: float | None
+    tokens_seen: int
+    wall_time_s: float
+    skipped_score_updates: int
+    peak_memory_bytes: int
+    peak_memory_kind: str
+
+
+class PruningRun:
+    """A LoRAPrune run over token windows, checkpointed to one safetensors file.
+
+    Args:
+        model: a loaded Hugging Face causal LM (on its device, in its weight dtype).
+        windows: int64 token windows (n, seq_len).
+        prune_config, run_config: what to prune and how to train.
+        amp_dtype: autocast dtype (bf16/fp16) or ``None`` for none; fp16 adds loss scaling.
+        checkpoint: path of the checkpoint file; ``None`` disables checkpoints.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        prune_config: LoraPruneConfig,
+        run_config: RunConfig,
+        *,
+        seed: int = 0,
+        amp_dtype: torch.dtype | None = None,
+        checkpoint: Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.prune_config, self.run_config, self.seed = prune_config, run_config, seed
+        self.pruner = LoraPruner(model, prune_config)
+        self.model = self.pruner.model
+        self.device = next(self.model.parameters()).device
+        self.sampler = WindowSampler(windows, run_config.batch_size, seed)
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.optimizer = torch.optim.AdamW(
+            self.pruner.trainable_parameters(), lr=run_config.lr, weight_decay=run_config.weight_decay
+        )
+        self.checkpoint, self.progress = checkpoint, progress
+        self.step = 0
+        self.last_loss: float | None = None
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        self.prune_steps = set(run_config.prune_steps())
+        self.last_prune_step = max(self.prune_steps, default=0)
+        torch.manual_seed(seed)
+
+    # -- training ----------------------------------------------------------------------------
+    @property
+    def scoring(self) -> bool:
+        """Importance is tracked until the last pruning step (one-shot: during calibration only)."""
+        return self.run_config.mode == "iterative" and self.step < self.last_prune_step
+
+    def current_ratio(self) -> float:
+        if self.run_config.mode == "oneshot":
+            return self.prune_config.ratio
+        past = [t for t in self.prune_steps if t <= self.step]
+        return (
+            cubic_ratio(
+                max(past),
+                self.run_config.steps,
+                self.prune_config.ratio,
+                0.0,
+                self.run_config.warmup,
+                self.run_config.cooldown,
+            )
+            if past
+            else 0.0
+        )
+
+    def _backward(self, batch_index: int) -> float:
+        """Forward and backward of one micro-batch; returns its (unscaled, undivided) loss."""
+        batch = self.sampler.batch(batch_index).to(self.device)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            loss = self.model(input_ids=batch, labels=batch).loss
+        self.scaler.scale(loss / self.run_config.grad_accum).backward()
+        self.tokens_seen += batch.numel()
+        return float(loss.detach())
+
+    def _calibrate(self) -> None:
+        """One-shot scoring: importance over ``calib_batches`` batches, then prune to the target."""
+        self.model.train()
+        for index in range(self.run_config.calib_batches):
+            self._backward(index)
+            self.scaler.unscale_(self.optimizer)
+            self.pruner.update_scores()
+            self.model.zero_grad(set_to_none=True)
+            self.scaler.update()
+        self.pruner.prune(self.prune_config.ratio)
+        self.pruner.finish_scoring()
+
+    def _train_step(self) -> None:
+        config = self.run_config
+        calibration_offset = config.calib_batches if config.mode == "oneshot" else 0
+        first = calibration_offset + self.step * config.grad_accum
+        self.model.train()
+        losses = [self._backward(first + m) for m in range(config.grad_accum)]
+        self.scaler.unscale_(self.optimizer)
+        if self.scoring:
+            self.pruner.update_scores()
+        torch.nn.utils.clip_grad_norm_(self.pruner.trainable_parameters(), config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_loss = sum(losses) / len(losses)
+        if self.step in self.prune_steps:
+            self.pruner.prune(self.current_ratio())
+            if self.step == self.last_prune_step:
+                self.pruner.finish_scoring()
+
+    def run(self, stop_after: int | None = None) -> RunSummary:
+        """Train (and prune) up to ``steps``, or ``stop_after`` more steps; checkpoints as configured.
+
+        A first Ctrl-C finishes the current step, writes a checkpoint and raises
+        ``KeyboardInterrupt``; a second one interrupts at once.
+        """
+        config = self.run_config
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        target = config.steps if stop_after is None else min(config.steps, self.step + stop_after)
+        started = time.perf_counter()
+        with (
+            _deferred_interrupt() as interrupted,
+            tqdm(
+                total=config.steps, initial=self.step, desc="prune", unit="step", disable=not self.progress
+            ) as bar,
+        ):
+            if config.mode == "oneshot" and self.step == 0 and not self.pruner.masked_anything():
+                self._calibrate()
+            while self.step < target:
+                tick = time.perf_counter()
+                tokens_before = self.tokens_seen
+                self._train_step()
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{self.last_loss:.3f}",
+                    ratio=f"{self.current_ratio():.3f}",
+                    tok_s=f"{(self.tokens_seen - tokens_before) / (time.perf_counter() - tick):.0f}",
+                )
+                if self.checkpoint and (
+                    (config.save_every and self.step % config.save_every == 0)
+                    or interrupted()
+                    or self.step == target < config.steps
+                ):
+                    self.elapsed += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.save_checkpoint()
+                if interrupted():
+                    raise KeyboardInterrupt(f"interrupted after step {self.step}")
+        self.elapsed += time.perf_counter() - started
+        return self.summary()
+
+    def summary(self) -> RunSummary:
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
+        else:
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+        return RunSummary(
+            self.step,
+            self.step >= self.run_config.steps,
+            self.last_loss,
+            self.tokens_seen,
+            self.elapsed,
+            self.pruner.tracker.total_skipped(),
+            peak,
+            kind,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        run = asdict(self.run_config)
+        run.pop("save_every")  # may change between sessions without changing the result
+        return {
+            "prune_config": self.prune_config.to_dict(),
+            "run_config": run,
+            "seed": self.seed,
+            "amp_dtype": str(self.amp_dtype),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue bit-exactly, in one file replaced atomically."""
+        tensors = {
+            f"lora.{path}.{name}": getattr(module, name).detach()
+            for path, module in lora_modules(self.model).items()
+            if module.lora_A is not None
+            for name in ("lora_A", "lora_B")
+        }
+        tensors.update({f"pruner.{k}": v for k, v in self.pruner.state_dict().items()})
+        optimizer_state = self.optimizer.state_dict()
+        for index, state in optimizer_state["state"].items():
+            tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "last_loss": self.last_loss,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed,
+            "settings": self._settings(),
+            "optimizer_param_groups": optimizer_state["param_groups"],
+            "scaler": self.scaler.state_dict(),
+        }
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.tmp{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata={"loraprune": json.dumps(metadata)})
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.checkpoint)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> None:
+        """Restore a checkpoint written by a run with the same settings."""
+        with safe_open(str(self.checkpoint), framework="pt") as handle:
+            metadata = json.loads(handle.metadata()["loraprune"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"resume: {self.checkpoint} has checkpoint format {metadata.get('format')}, "
+                f"expected {CHECKPOINT_FORMAT}"
+            )
+        _check_same_settings(metadata["settings"], self._settings())
+        with torch.no_grad():
+            for path, module in lora_modules(self.model).items():
+                if module.lora_A is not None:
+                    for name in ("lora_A", "lora_B"):
+                        getattr(module, name).copy_(tensors[f"lora.{path}.{name}"])
+        self.pruner.load_state_dict(
+            {
+                k.removeprefix("pruner."): v.to(self.device)
+                for k, v in tensors.items()
+                if k.startswith("pruner.")
+            }
+        )
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value if name == "step" else value.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": metadata["optimizer_param_groups"]})
+        self.scaler.load_state_dict(metadata["scaler"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step, self.last_loss = metadata["step"], metadata["last_loss"]
+        self.tokens_seen, self.elapsed = metadata["tokens_seen"], metadata["elapsed"]
+        if self.step >= self.last_prune_step and self.run_config.mode == "iterative":
+            self.pruner.finish_scoring()
+        if self.run_config.mode == "oneshot" and self.pruner.masked_anything():
+            self.pruner.finish_scoring()
+
+
+def _check_same_settings(saved: dict, current: dict) -> None:
+    differences = []
+    for section in ("prune_config", "run_config"):
+        for key in sorted(set(saved[section]) | set(current[section])):
+            before, now = saved[section].get(key), current[section].get(key)
+            if json.dumps(before) != json.dumps(now):
+                differences.append(f"{key}: {before!r} then, {now!r} now")
+    for key in ("seed", "amp_dtype"):
+        if saved[key] != current[key]:
+            differences.append(f"{key}: {saved[key]!r} then, {current[key]!r} now")
+    if differences:
+        raise ValueError(
+            "resume: the checkpoint was made with other settings (" + "; ".join(differences) + ")"
+        )
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator:
+    """Turn the first SIGINT into a flag checked between steps; the second one interrupts."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,204 @@
+"""The command line, end to end on the real tiny-llama fixture (short runs, small windows)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import loraprune  # noqa: F401  (registers the pruned classes)
+from loraprune.cli import main
+
+RUN = [
+    "--ratio",
+    "0.5",
+    "--steps",
+    "4",
+    "--prune-every",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_llama_dir, calib_text, wikitext_test):
+    return {"model": str(tiny_llama_dir), "data": str(calib_text), "eval": str(wikitext_test)}
+
+
+def prune(paths, out, *extra: str) -> int:
+    return main(["prune", paths["model"], "--data", paths["data"], "--out", str(out), *RUN, *extra])
+
+
+@pytest.mark.parametrize(
+    ("criterion", "mode"),
+    [
+        ("lora", "iterative"),
+        ("taylor", "iterative"),
+        ("taylor", "oneshot"),
+        ("magnitude", "iterative"),
+        ("random", "iterative"),
+    ],
+)
+def test_prune_each_criterion_gives_a_loadable_model_at_the_ratio(paths, tmp_path, capsys, criterion, mode):
+    out = tmp_path / "out"
+    extra = [
+        "--criterion",
+        criterion,
+        "--mode",
+        mode,
+        "--calib-batches",
+        "2",
+        "--eval-data",
+        paths["eval"],
+        "--eval-seq-len",
+        "64",
+        "--eval-max-windows",
+        "3",
+    ]
+    assert prune(paths, out, *extra) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["criterion"] == criterion and report["mode"] == mode and report["steps"] == 4
+    assert [(g["kept"], g["total"]) for g in report["groups"]] == [(3, 6), (512, 1024)] * 5
+    assert [(layer["heads"], layer["channels"]) for layer in report["layers"]] == [(3, 512)] * 5 + [(6, 1024)]
+    assert report["parameters"]["after"] < report["parameters"]["before"] == 16_913_280
+    assert report["final_loss"] > 0 and report["wall_time_s"] > 0 and report["peak_memory_bytes"] > 0
+    assert not (out / "checkpoint.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    (reported,) = report["eval"]
+    assert (
+        reported["windows"] == 3 and reported["seq_len"] == 64 and 1 < reported["perplexity"] < float("inf")
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--data",
+                paths["eval"],
+                "--seq-len",
+                "64",
+                "--max-windows",
+                "3",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["perplexity"] == reported["perplexity"]
+
+
+def test_interrupt_and_resume_reaches_the_same_model(paths, tmp_path):
+    extra = [
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--lora-dropout",
+        "0.1",
+    ]  # dropout: the RNG state must resume too
+    assert prune(paths, tmp_path / "whole", *extra) == 0
+    assert prune(paths, tmp_path / "split", *extra, "--stop-after", "3") == 0
+    assert (tmp_path / "split" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "split" / "prune_report.json").exists()
+    assert prune(paths, tmp_path / "split", *extra, "--resume") == 0
+    whole = json.loads((tmp_path / "whole" / "prune_report.json").read_text())
+    split = json.loads((tmp_path / "split" / "prune_report.json").read_text())
+    assert whole["layers"] == split["layers"] and whole["final_loss"] == split["final_loss"]
+    a, b = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "split" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(paths, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prune(paths, out, "--stop-after", "1") == 0
+    assert prune(paths, out, "--resume", "--lr", "0.01") == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_info_lists_layers(paths, capsys):
+    assert main(["info", paths["model"], "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 16_913_280 and [layer["heads"] for layer in info["layers"]] == [6] * 6
+
+
+@pytest.fixture
+def short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("too short")
+    return str(path)
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    return str(tmp_path / "gpt2")
+
+
+# case: (command line after the defaults, which a later flag overrides; the flag the error must name)
+BAD_INPUTS = {
+    "missing model": (lambda p: ["prune", p["missing"], "--data", p["data"]], "MODEL_DIR"),
+    "missing data": (lambda p: ["prune", p["model"], "--data", p["missing"]], "--data"),
+    "data too short": (lambda p: ["prune", p["model"], "--data", p["short"]], "--data"),
+    "ratio 1": (lambda p: ["prune", p["model"], "--data", p["data"], "--ratio", "1.0"], "--ratio"),
+    "ratio negative": (lambda p: ["prune", p["model"], "--data", p["data"], "--ratio", "-0.1"], "--ratio"),
+    "too few steps": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--prune-every", "10"],
+        "--prune-every",
+    ),
+    "unsupported architecture": (lambda p: ["prune", p["gpt2"], "--data", p["data"]], "MODEL_DIR"),
+    "cuda without a gpu": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--device", "cuda"],
+        "--device",
+    ),
+    "lora rank 0": (lambda p: ["prune", p["model"], "--data", p["data"], "--lora-r", "0"], "--lora-r"),
+    "missing eval data": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--eval-data", p["missing"]],
+        "--eval-data",
+    ),
+    "resume without checkpoint": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--resume"],
+        "--resume",
+    ),
+    "eval missing data": (lambda p: ["eval", p["model"], "--data", p["missing"]], "--data"),
+    "eval missing model": (lambda p: ["eval", p["missing"], "--data", p["data"]], "MODEL_DIR"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_nonzero_and_nothing_written(paths, tmp_path, short_text, gpt2_dir, capsys, case):
+    if case == "cuda without a gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    build, flag = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    command, *rest = build(
+        {**paths, "missing": str(tmp_path / "nope"), "short": short_text, "gpt2": gpt2_dir}
+    )
+    args = [command, rest[0], "--out", str(out), *RUN, *rest[1:]] if command == "prune" else [command, *rest]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_existing_out_dir_is_left_untouched(paths, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert prune(paths, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"

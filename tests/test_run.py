@@ -1,0 +1,126 @@
+"""The pruning loop's parts: data windows and sampling, the schedule, checkpoints, Ctrl-C, perplexity."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from tiny_models import random_tokens, tiny_model
+
+from loraprune import LoraPruneConfig
+from loraprune.data import WindowSampler, read_text, windows
+from loraprune.evaluate import lm_eval_tasks, perplexity
+from loraprune.run import PruningRun, RunConfig
+
+
+def test_read_text_file_directory_and_errors(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "skip.md").write_text("not text")
+    assert read_text(tmp_path) == "first\n\nsecond"
+    assert read_text(tmp_path / "a.txt") == "first"
+    with pytest.raises(FileNotFoundError, match="data"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.txt"):
+        read_text(tmp_path / "empty")
+
+
+def test_windows_drop_the_tail_and_reject_short_text():
+    tokens = torch.arange(10)
+    assert windows(tokens, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    with pytest.raises(ValueError, match="too few"):
+        windows(tokens, 11)
+
+
+def test_sampler_is_a_function_of_seed_and_index_and_reshuffles_per_epoch():
+    data = torch.arange(10).view(5, 2)
+    sampler = WindowSampler(data, batch_size=2, seed=3)
+    first_epoch = torch.cat([sampler.batch(i) for i in range(2)] + [sampler.batch(2)[:1]])
+    assert sorted(first_epoch[:, 0].tolist()) == [0, 2, 4, 6, 8]  # every window once per epoch
+    assert torch.equal(sampler.batch(7), WindowSampler(data, 2, 3).batch(7))
+    orders = {tuple(WindowSampler(data, 5, 3).batch(e)[:, 0].tolist()) for e in range(4)}
+    assert len(orders) > 1
+
+
+def test_prune_steps_reach_the_target_at_the_cooldown():
+    config = RunConfig(steps=100, prune_every=10)
+    assert config.prune_steps() == [20, 30, 40, 50, 60, 70, 80, 90]
+    assert RunConfig(steps=7, prune_every=2).prune_steps() == [2, 4, 6, 7]
+    assert RunConfig(steps=5, prune_every=1, mode="oneshot").prune_steps() == []
+    with pytest.raises(ValueError, match="prune_every"):
+        RunConfig(steps=5, prune_every=10)
+
+
+def make_run(tmp_path, steps=6, **prune):
+    prune = {"layers": (0, 1, 2), "lora_dropout": 0.0, "ratio": 0.5, **prune}
+    data = random_tokens(batch=16, length=10, seed=7)
+    return PruningRun(
+        tiny_model(),
+        data,
+        LoraPruneConfig(**prune),
+        RunConfig(steps=steps, batch_size=2, seq_len=10, prune_every=2, save_every=0),
+        checkpoint=tmp_path / "ckpt.safetensors",
+        progress=False,
+    )
+
+
+def test_run_reaches_the_exact_target_and_stops_scoring(tmp_path):
+    run = make_run(tmp_path)
+    summary = run.run()
+    assert summary.finished and summary.steps_done == 6 and math.isfinite(summary.final_loss)
+    assert [s.kept for s in run.pruner.status()] == [2, 20] * 3
+    assert not run.scoring
+
+
+def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
+    run = make_run(tmp_path)
+    original = run._train_step
+
+    def step_with_interrupt():
+        if run.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of step 3
+        original()
+
+    run._train_step = step_with_interrupt
+    with pytest.raises(KeyboardInterrupt, match="after step 3"):
+        run.run()
+    resumed = make_run(tmp_path)
+    resumed.load_checkpoint()
+    assert resumed.step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_taylor_frees_weight_gradients_after_the_last_pruning_step(tmp_path):
+    run = make_run(tmp_path, criterion="taylor")
+    q_proj = run.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q_proj.weight.requires_grad
+    run.run()
+    assert not q_proj.weight.requires_grad and q_proj.weight.grad is None
+
+
+def test_perplexity_equals_exp_of_the_model_loss(tmp_path):
+    model = tiny_model()
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 96 for c in text]}
+
+    (tmp_path / "text.txt").write_text("some text to score with a tiny model " * 3)
+    report = perplexity(
+        model, CharTokenizer(), tmp_path / "text.txt", seq_len=16, batch_size=3, progress=False
+    )
+    tokens = windows(torch.tensor([ord(c) % 96 for c in (tmp_path / "text.txt").read_text()]), 16)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss for w in tokens]
+    assert report.windows == len(tokens) and report.tokens == 15 * len(tokens)
+    assert report.perplexity == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_lm_eval_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
+    with pytest.raises(ImportError, match="lm_eval"):
+        lm_eval_tasks(tiny_model(), None, ["hellaswag"])
