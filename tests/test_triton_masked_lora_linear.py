@@ -1,0 +1,384 @@
+"""The Triton masked LoRA linear against its PyTorch reference, the specification.
+
+Without a GPU the kernels run through the Triton interpreter in float32 at small odd shapes; the
+float16/bfloat16 cases at LLaMA-7B shapes need a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+
+from loraprune import ops
+from loraprune.ops.masked_lora_linear import masked_lora_linear_reference
+
+pytest.importorskip("triton", reason="triton is not installed")
+from loraprune.kernels import masked_lora_linear as kernel
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Max error allowed, relative to the largest magnitude of the expected tensor.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+MASK_KINDS = ("absent", "out_only", "in_only", "both_random", "head_blocks", "all_masked", "none_masked")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.isfinite(actual).all()
+    scale = max(expected.abs().max().item(), 1.0)
+    error = (actual.float() - expected.float()).abs().max().item()
+    assert error <= TOLERANCE[dtype] * scale, f"max error {error:.3g} vs scale {scale:.3g}"
+
+
+def make_layer(
+    lead: tuple[int, ...],
+    in_features: int,
+    out_features: int,
+    rank: int,
+    *,
+    dtype=torch.float32,
+    factor_dtype=torch.float32,
+    bias: bool = True,
+    seed: int = 0,
+    device=DEVICE,
+) -> dict:
+    """Fresh random non-zero inputs (B too, unlike a LoRA init) with outputs of magnitude ~1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    return {
+        "x": randn(*lead, in_features).requires_grad_(),
+        "weight": randn(out_features, in_features, scale=in_features**-0.5),
+        "bias": randn(out_features) if bias else None,
+        "lora_a": randn(rank, in_features, scale=in_features**-0.5, dt=factor_dtype).requires_grad_(),
+        "lora_b": randn(out_features, rank, scale=rank**-0.5, dt=factor_dtype).requires_grad_(),
+        "scaling": 1.7,
+    }
+
+
+def make_masks(kind: str, out_features: int, in_features: int, seed: int = 1, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+
+    def random(n: int) -> torch.Tensor:
+        return (torch.rand(n, generator=g) < 0.5).to(device)
+
+    def head_blocks(n: int, unit: int = 16) -> torch.Tensor:
+        """Head-like masks: whole units of ``unit`` features, the first two (a full 32-wide tile)
+        pruned, the last kept."""
+        units = torch.rand(math.ceil(n / unit), generator=g) < 0.5
+        units[:2] = False
+        units[-1] = True
+        return units.repeat_interleave(unit)[:n].to(device)
+
+    def constant(n: int, value: bool) -> torch.Tensor:
+        return torch.full((n,), value, dtype=torch.bool, device=device)
+
+    return {
+        "absent": lambda: (None, None),
+        "out_only": lambda: (random(out_features), None),
+        "in_only": lambda: (None, random(in_features)),
+        "both_random": lambda: (random(out_features), random(in_features)),
+        "head_blocks": lambda: (head_blocks(out_features), head_blocks(in_features)),
+        "all_masked": lambda: (constant(out_features, False), constant(in_features, False)),
+        "none_masked": lambda: (constant(out_features, True), constant(in_features, True)),
+    }[kind]()
+
+
+def run(
+    fn, layer: dict, out_mask, in_mask, dropout_p: float = 0.0, training: bool = False, grad_seed: int = 2
+):
+    """Forward and the gradients of x, lora_a, lora_b for a fixed random upstream gradient."""
+    x, a, b = layer["x"], layer["lora_a"], layer["lora_b"]
+    y = fn(x, layer["weight"], layer["bias"], a, b, layer["scaling"], out_mask, in_mask, dropout_p, training)
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_y = torch.randn(y.shape, generator=g).to(device=y.device, dtype=y.dtype)
+    grads = torch.autograd.grad(y, (x, a, b), grad_y)
+    return (y.detach(), *grads)
+
+
+def reference_with_keep(keep: torch.Tensor, dropout_p: float):
+    """The reference with its dropout replaced by the given keep-mask on the LoRA input."""
+
+    def reference(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, _dropout_p, _training):
+        if in_mask is not None:
+            x = x * in_mask.to(x.dtype)
+        y = F.linear(x, weight, bias)
+        lora_in = x * keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - dropout_p))
+        y = y + scaling * F.linear(F.linear(lora_in, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+        if out_mask is not None:
+            y = y * out_mask.to(y.dtype)
+        return y
+
+    return reference
+
+
+SHAPES = {  # (leading shape of x, in, out, rank)
+    "2d": ((37,), 96, 80, 5),
+    "3d": ((2, 9), 70, 45, 19),
+}
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_forward_and_gradients_match_reference(shape, mask_kind, with_bias):
+    lead, in_features, out_features, rank = shape
+    layer = make_layer(lead, in_features, out_features, rank, bias=with_bias)
+    out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+    if mask_kind == "all_masked":
+        assert not actual[0].any() and not actual[1].any() and not actual[2].any() and not actual[3].any()
+
+
+@pytest.mark.parametrize("mask_kind", ["both_random", "absent"])
+def test_ops_entry_point_dispatches_to_triton(mask_kind):
+    layer = make_layer((3, 5), 48, 40, 6)
+    out_mask, in_mask = make_masks(mask_kind, 40, 48)
+
+    def through_ops(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, training):
+        return ops.masked_lora_linear(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            scaling,
+            out_mask,
+            in_mask,
+            dropout_p=dropout_p,
+            training=training,
+            backend="triton",
+        )
+
+    actual = run(through_ops, layer, out_mask, in_mask)
+    for got, want in zip(actual, run(kernel.masked_lora_linear, layer, out_mask, in_mask), strict=True):
+        assert torch.equal(got, want)  # the same kernels ran
+    for got, want in zip(actual, run(masked_lora_linear_reference, layer, out_mask, in_mask), strict=True):
+        assert_close(got, want, torch.float32)
+
+
+def test_rank_above_one_rank_block():
+    """Ranks over 64 are split into several rank blocks (the rank grid / loop)."""
+    layer = make_layer((21,), 40, 50, 70)
+    out_mask, in_mask = make_masks("both_random", 50, 40)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    for got, want in zip(actual, run(masked_lora_linear_reference, layer, out_mask, in_mask), strict=True):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("mask_kind", ["both_random", "head_blocks"])
+def test_dropout_matches_reference_with_the_same_keep_mask(mask_kind):
+    lead, in_features, out_features, rank = (3, 11), 64, 72, 7
+    dropout_p = 0.3
+    layer = make_layer(lead, in_features, out_features, rank)
+    out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
+    torch.manual_seed(1234)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask, dropout_p, training=True)
+    torch.manual_seed(1234)  # the kernel's seed comes from the default generator: draw it again
+    seed = kernel.draw_dropout_seed(DEVICE)
+    keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p)
+    expected = run(reference_with_keep(keep, dropout_p), layer, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+    without_dropout = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    assert not torch.allclose(actual[0], without_dropout[0], atol=1e-3)  # dropout did act
+
+
+def test_dropout_keep_mask_is_seeded_and_has_the_right_rate():
+    dropout_p = 0.25
+    seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE)
+    keep = kernel.dropout_keep_mask(seed, 256, 160, dropout_p)
+    assert keep.shape == (256, 160) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.01  # 40960 draws: sd ~0.002
+    assert torch.equal(keep, kernel.dropout_keep_mask(seed.clone(), 256, 160, dropout_p))
+    assert not torch.equal(keep, kernel.dropout_keep_mask(seed + 1, 256, 160, dropout_p))
+    # Rows and columns are both counters: no row repeats another's pattern.
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+
+
+def test_dropout_reproducible_under_manual_seed_and_off_when_not_training():
+    layer = make_layer((9,), 32, 24, 4)
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(run(kernel.masked_lora_linear, layer, None, None, 0.5, training=True)[0])
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    evaluation = run(kernel.masked_lora_linear, layer, None, None, 0.5, training=False)
+    for got, want in zip(evaluation, run(masked_lora_linear_reference, layer, None, None), strict=True):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, pytest.param(torch.bfloat16, marks=requires_cuda)],
+    ids=["float32", "bfloat16"],
+)
+def test_every_output_element_is_written(monkeypatch, dtype):
+    """Buffers the launchers allocate come back NaN-poisoned: a missed element would show."""
+    lead, in_features, out_features, rank = (29,), 72, 66, 6
+    dropout_p = 0.2
+    layer = make_layer(lead, in_features, out_features, rank, dtype=dtype)
+    out_mask, in_mask = make_masks("head_blocks", out_features, in_features)
+    torch.manual_seed(7)
+    seed = kernel.draw_dropout_seed(DEVICE)
+    keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p)
+    expected = run(reference_with_keep(keep, dropout_p), layer, out_mask, in_mask)
+
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    torch.manual_seed(7)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask, dropout_p, training=True)
+    monkeypatch.undo()
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, dtype)  # includes isfinite
+
+
+def test_non_contiguous_inputs():
+    in_features, out_features, rank = 40, 36, 5
+    layer = make_layer((17,), in_features, out_features, rank)
+    out_mask, in_mask = make_masks("both_random", out_features, in_features)
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    strided = dict(layer)
+    # x as a transposed view (features not unit-stride), W, A and B as transposed views.
+    strided["x"] = layer["x"].detach().t().contiguous().t().requires_grad_()
+    strided["weight"] = layer["weight"].t().contiguous().t()
+    strided["lora_a"] = layer["lora_a"].detach().t().contiguous().t().requires_grad_()
+    strided["lora_b"] = layer["lora_b"].detach().t().contiguous().t().requires_grad_()
+    assert not strided["x"].is_contiguous() and not strided["weight"].is_contiguous()
+    actual = run(kernel.masked_lora_linear, strided, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+
+
+def test_only_requested_gradients_are_computed():
+    layer = make_layer((13,), 32, 40, 3)
+    layer["x"].requires_grad_(False)  # e.g. the first layer: embeddings are frozen
+    out_mask, in_mask = make_masks("both_random", 40, 32)
+    y = kernel.masked_lora_linear(
+        layer["x"],
+        layer["weight"],
+        layer["bias"],
+        layer["lora_a"],
+        layer["lora_b"],
+        layer["scaling"],
+        out_mask,
+        in_mask,
+        0.0,
+        False,
+    )
+    grad_y = torch.randn_like(y)
+    grad_a, grad_b = torch.autograd.grad(y, (layer["lora_a"], layer["lora_b"]), grad_y)
+    y_ref = masked_lora_linear_reference(
+        layer["x"],
+        layer["weight"],
+        layer["bias"],
+        layer["lora_a"],
+        layer["lora_b"],
+        layer["scaling"],
+        out_mask,
+        in_mask,
+    )
+    for got, want in zip(
+        (grad_a, grad_b), torch.autograd.grad(y_ref, (layer["lora_a"], layer["lora_b"]), grad_y), strict=True
+    ):
+        assert_close(got, want, torch.float32)
+
+
+def test_empty_input():
+    layer = make_layer((0,), 32, 24, 4)
+    y = kernel.masked_lora_linear(
+        layer["x"],
+        layer["weight"],
+        layer["bias"],
+        layer["lora_a"],
+        layer["lora_b"],
+        layer["scaling"],
+        None,
+        None,
+        0.0,
+        False,
+    )
+    assert y.shape == (0, 24)
+
+
+@pytest.mark.parametrize("with_dropout", [False, True], ids=["plain", "dropout"])
+def test_custom_op_passes_opcheck(with_dropout):
+    layer = make_layer((19,), 48, 40, 5)
+    out_mask, in_mask = make_masks("both_random", 40, 48)
+    seed = kernel.draw_dropout_seed(DEVICE) if with_dropout else None
+    args = (
+        layer["x"],
+        layer["weight"],
+        layer["bias"],
+        layer["lora_a"],
+        layer["lora_b"],
+        layer["scaling"],
+        out_mask,
+        in_mask,
+        0.2 if with_dropout else 0.0,
+        seed,
+    )
+    torch.library.opcheck(torch.ops.loraprune.masked_lora_linear.default, args)
+
+
+def test_traces_under_torch_compile():
+    layer = make_layer((2, 7), 48, 40, 5)
+    out_mask, in_mask = make_masks("both_random", 40, 48)
+    compiled = torch.compile(kernel.masked_lora_linear, backend="aot_eager", fullgraph=True)
+    actual = run(compiled, layer, out_mask, in_mask)
+    for got, want in zip(actual, run(kernel.masked_lora_linear, layer, out_mask, in_mask), strict=True):
+        assert_close(got, want, torch.float32)
+
+
+# --- GPU: half precision at LLaMA-7B shapes ----------------------------------------------------
+
+
+def exact_reference(layer: dict, out_mask, in_mask, grad_seed: int = 2):
+    """The reference in float64 from the same (low-precision) inputs: the ground truth."""
+    exact = {
+        k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+        for k, v in layer.items()
+    }
+    return run(masked_lora_linear_reference, exact, out_mask, in_mask, grad_seed=grad_seed)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("in_out", [(4096, 11008), (11008, 4096), (4096, 4096)], ids=["up", "down", "q"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_llama_shapes_half_precision(dtype, in_out, rank):
+    """The fused kernel (one rounding at the end) is at least as close to the exact result as the
+    reference run in the same dtype (several roundings), up to the tolerance."""
+    in_features, out_features = in_out
+    layer = make_layer((2, 300), in_features, out_features, rank, dtype=dtype)
+    out_mask, in_mask = make_masks("head_blocks", out_features, in_features)
+    exact = exact_reference(layer, out_mask, in_mask)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    for got, want in zip(actual, exact, strict=True):
+        assert_close(got, want.to(got.dtype), dtype)
+
+
+@requires_cuda
+def test_autocast_casts_to_the_autocast_dtype():
+    layer = make_layer((64,), 512, 384, 16, dtype=torch.float32)
+    layer["weight"] = layer["weight"].to(torch.bfloat16)
+    out_mask, in_mask = make_masks("both_random", 384, 512)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+        expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    assert actual[0].dtype == torch.bfloat16 and actual[1].dtype == torch.float32
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.bfloat16)
