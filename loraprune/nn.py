@@ -119,6 +119,8 @@ class LoraPruneLinear(nn.Module):
             in_mask,
             dropout_p=self.dropout,
             training=self.training,
+            # The fused kernels compute no weight gradient; the taylor baseline needs one.
+            backend="torch" if self.weight.requires_grad else None,
         )
 
     def merged_linear(self) -> nn.Linear:
