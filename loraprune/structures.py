@@ -102,6 +102,10 @@ def projection_paths(model: nn.Module, layer: int) -> dict[str, str]:
 
 
 def head_dim(model: nn.Module) -> int:
+    """The attention modules' own head size (some families and versions ignore ``config.head_dim``)."""
+    attention = decoder_layers(model)[0].self_attn
+    if getattr(attention, "head_dim", None):
+        return attention.head_dim
     config = unwrap_model(model).config
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

@@ -13,6 +13,7 @@ import loraprune
 from loraprune import LoraPruneConfig, LoraPruneLinear, LoraPruner, compact, patch_model, unpatch_model
 from loraprune.masks import prune_count
 from loraprune.nn import lora_modules
+from loraprune.structures import head_dim
 
 CONFIG_NAMES = list(CONFIGS)
 
@@ -107,7 +108,7 @@ def test_final_ratio_is_exact(name, ratio):
 
 
 def test_tiny_llama_half_ratio_keeps_half_the_heads_and_channels(tiny_llama_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = loraprune.load_model(tiny_llama_dir)
     pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5, criterion="magnitude"))
     pruner.update_scores()
     pruner.prune()
@@ -150,12 +151,13 @@ def test_compaction_in_bf16_is_no_less_accurate_than_the_masked_model():
 def test_compaction_rejects_inconsistent_masks():
     model = patch_model(tiny_model())
     q_proj = model.get_submodule("model.layers.1.self_attn.q_proj")
+    width = head_dim(model)
     mask = torch.ones(q_proj.out_features, dtype=torch.bool)
-    mask[:8] = False  # one head masked in q but not in o_proj: not a removable structure
+    mask[:width] = False  # one head masked in q but not in o_proj: not a removable structure
     q_proj.set_masks(out_mask=mask)
     with pytest.raises(ValueError, match="disagree"):
         compact(model)
-    mask[:4] = True  # half a head
+    mask[: width // 2] = True  # half a head
     q_proj.set_masks(out_mask=mask)
     with pytest.raises(ValueError, match="part of a unit"):
         compact(model)
@@ -186,7 +188,7 @@ def test_save_load_is_bit_exact_with_per_layer_widths(name, tmp_path):
     assert [entry["intermediate_size"] for entry in plan] == [
         model.get_submodule(f"model.layers.{i}.mlp.gate_proj").out_features for i in range(len(plan))
     ]
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
     tokens = random_tokens()
     assert torch.equal(logits(loaded, tokens), logits(model, tokens))
@@ -201,7 +203,7 @@ def test_pruning_a_pruned_checkpoint_composes_the_plan(tmp_path):
     first = pruner.compact()
     first.save_pretrained(tmp_path)
     first_plan = first.config.pruned_layers
-    again = trained_pruner(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
+    again = trained_pruner(AutoModelForCausalLM.from_pretrained(tmp_path))
     again.prune(0.5)
     second_plan = again.compact().config.pruned_layers
     for before, after in zip(first_plan, second_plan, strict=True):

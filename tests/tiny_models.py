@@ -18,7 +18,8 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
 
-# (family, query heads, KV heads, tied embeddings): MHA and GQA, tied and untied, with and without bias
+# (family, query heads, KV heads, tied embeddings): MHA and GQA, tied and untied, with and without bias.
+# head_dim is hidden/heads: transformers 4.x ignores config.head_dim for some families.
 CONFIGS = {
     "llama-mha-untied": ("llama", 4, 4, False),
     "llama-gqa-tied": ("llama", 6, 2, True),
@@ -39,7 +40,7 @@ def tiny_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=8,
+        head_dim=48 // heads,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
     )
