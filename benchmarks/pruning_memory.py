@@ -1,0 +1,250 @@
+"""Study 2: peak memory and time of one pruning step on a LLaMA-7B-shaped model.
+
+One step is forward + backward + importance update (no optimizer step: it is the same for
+every method), on random token batches, for each provider in a fresh subprocess so that the
+peak-memory accounting starts clean:
+
+- ``peft-lora``: plain PEFT LoRA fine-tuning (``get_peft_model``), forward + backward: the reference.
+- ``loraprune``: LoRAPrune with loraprune's default dispatch (fused kernels where available).
+- ``loraprune-reference``: the same with ``LORAPRUNE_BACKEND=torch`` (the PyTorch reference ops).
+- ``taylor``: the full-gradient criterion of LLM-Pruner (``criterion="taylor"``): weight gradients.
+
+All use LoRA r=8, alpha 16, dropout 0.05 on the seven projections, masks all kept (the first
+step of iterative pruning). Peak memory is ``torch.cuda.max_memory_allocated`` over one step,
+weights included; its floor is what is resident before the step (weights, adapters, masks).
+The step-time floor is the step's matrix FLOPs at the calibrated matmul rate.
+
+    python -m benchmarks.pruning_memory [--quick] [--layers N] [--batches 1,4] [--providers ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import (
+    DEFAULT_RESULTS_DIR,
+    GIB,
+    REPO_ROOT,
+    Recorder,
+    Result,
+    dtype_name,
+    require_cuda,
+    results_table,
+    time_calls,
+)
+from benchmarks.models import (
+    attention_flops,
+    attention_widths,
+    causal_context,
+    llama7b_config,
+    projection_parameters,
+    random_llama,
+)
+from loraprune import LoraPruneConfig, LoraPruner
+from loraprune.config import ALL_PROJECTIONS
+
+PROVIDERS = ("peft-lora", "loraprune", "loraprune-reference", "taylor")
+REFERENCE = "peft-lora"
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.05
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+RESULT_PREFIX = "RESULT "
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.pruning_memory", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="4 layers, batch 1 only, 3 timed steps")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 32, quick 4)")
+    parser.add_argument(
+        "--batches", help="comma-separated batch sizes of 512-token sequences (default 1,4; quick 1)"
+    )
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, help="timed steps per provider (default 5, quick 3)")
+    parser.add_argument(
+        "--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument(
+        "--timeout", type=int, default=600, help="seconds allowed to one provider's subprocess"
+    )
+    # internal: one measurement, in the subprocess that main() starts per provider and batch
+    parser.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = require_cuda("the pruning memory study")
+    if device is None:
+        return 0
+    if args.worker:
+        measure_step(args, device)
+        return 0
+    layers = args.layers or (4 if args.quick else 32)
+    batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,4")).split(",")]
+    steps = args.steps or (3 if args.quick else 5)
+    providers = args.providers.split(",")
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"--providers: unknown {sorted(unknown)}; choose from {PROVIDERS}")
+    dtype = DTYPES[args.dtype]
+    recorder = Recorder(args.results_dir, "pruning", device)
+    recorder.calibrate([dtype])
+    torch.cuda.empty_cache()
+    for batch in batches:
+        for provider in sorted(providers, key=lambda p: p != REFERENCE):  # the reference first
+            command = [
+                *("-m", "benchmarks.pruning_memory", "--worker", provider, "--batch", str(batch)),
+                *("--layers", str(layers), "--seq-len", str(args.seq_len), "--steps", str(steps)),
+                *("--dtype", args.dtype),
+            ]
+            outcome = run_worker(command, provider, args.timeout)
+            record_step(recorder, outcome, provider, layers, batch, args.seq_len, dtype)
+    print(results_table([r for r in recorder.rows if not r["benchmark"].startswith("calibration")]))
+    return 0
+
+
+def run_worker(arguments: list[str], provider: str, timeout: int) -> dict:
+    """Run one measurement in a fresh interpreter; returns its result or ``{"error": ...}``."""
+    env = dict(os.environ)
+    if provider == "loraprune-reference":
+        env["LORAPRUNE_BACKEND"] = "torch"
+    else:
+        env.pop("LORAPRUNE_BACKEND", None)
+    try:
+        done = subprocess.run(
+            [sys.executable, *arguments],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line.removeprefix(RESULT_PREFIX))
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {done.returncode}: {' | '.join(tail)}"[:400]}
+
+
+def record_step(
+    recorder: Recorder,
+    outcome: dict,
+    provider: str,
+    layers: int,
+    batch: int,
+    seq_len: int,
+    dtype: torch.dtype,
+) -> None:
+    base = {
+        "provider": provider,
+        "shape": f"llama-7b layers={layers} tokens={batch}x{seq_len} r={LORA_R}",
+        "dtype": f"{dtype_name(dtype)} (LoRA float32)",
+        "reference": REFERENCE,
+    }
+    if "error" in outcome:
+        for benchmark in ("pruning_step_peak_memory", "pruning_step_time"):
+            recorder.record(Result(benchmark, **base, status="error", note=outcome["error"]))
+        return
+    recorder.record(
+        Result(
+            "pruning_step_peak_memory",
+            **base,
+            value=outcome["peak_bytes"] / GIB,
+            unit="GiB",
+            floor=outcome["resident_bytes"] / GIB,
+            floor_basis="resident model",
+            repetitions=1,
+            note=f"weights {outcome['weight_bytes'] / GIB:.2f} GiB",
+        )
+    )
+    floor, basis = recorder.floor(outcome["weight_bytes"], outcome["flops"], dtype)
+    recorder.record(
+        Result(
+            "pruning_step_time",
+            **base,
+            value=statistics.median(outcome["step_seconds"]) * 1e3,
+            unit="ms",
+            floor=floor,
+            floor_basis=basis,
+            repetitions=len(outcome["step_seconds"]),
+        )
+    )
+
+
+def measure_step(args: argparse.Namespace, device: torch.device) -> None:
+    """The worker: build the model, set up one provider, measure one step; print one JSON line."""
+    model = random_llama(llama7b_config(args.layers), device, DTYPES[args.dtype])
+    weight_bytes = torch.cuda.memory_allocated(device)
+    # forward and activation-gradient products (the weights are frozen); taylor adds weight gradients
+    products = 3 if args.worker == "taylor" else 2
+    tokens = args.batch * args.seq_len
+    flops = products * 2 * (projection_parameters(model) + model.lm_head.weight.numel()) * tokens
+    flops += 3 * attention_flops(
+        attention_widths(model), args.batch, args.seq_len, causal_context(args.seq_len)
+    )
+    model, update = prepare(model, args.worker)
+    model.train()
+    generator = torch.Generator(device).manual_seed(0)
+    input_ids = torch.randint(
+        0, model.config.vocab_size, (args.batch, args.seq_len), device=device, generator=generator
+    )
+
+    def step() -> None:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        update()
+        model.zero_grad(set_to_none=True)
+
+    step_seconds = time_calls(step, device, repetitions=args.steps, warmup=2)
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    result = {
+        "weight_bytes": weight_bytes,
+        "resident_bytes": resident,
+        "peak_bytes": torch.cuda.max_memory_allocated(device),
+        "step_seconds": step_seconds,
+        "flops": flops,
+    }
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def prepare(model: torch.nn.Module, provider: str) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """The model as ``provider`` trains it, and its per-step importance update (a no-op for PEFT)."""
+    if provider == "peft-lora":
+        from peft import LoraConfig, get_peft_model  # an optional dependency: imported where needed
+
+        peft_config = LoraConfig(
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=LORA_DROPOUT,
+            target_modules=list(ALL_PROJECTIONS),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config), lambda: None
+    criterion = "taylor" if provider == "taylor" else "lora"
+    config = LoraPruneConfig(
+        ratio=0.5, criterion=criterion, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT
+    )
+    pruner = LoraPruner(model, config)
+    return pruner.model, pruner.update_scores
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

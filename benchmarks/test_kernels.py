@@ -1,0 +1,71 @@
+"""Study 1, the kernel micro-benchmarks: ``pytest benchmarks/ --benchmark-only [--quick]``.
+
+Timed by pytest-benchmark's pedantic mode on the CUDA event clock (median of the rounds, each
+round back-to-back calls over input sets rotated beyond the L2 cache), checked against the
+float32 reference first, and appended to kernels.csv with the floor of each case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.harness import Recorder, cuda_event_clock
+from benchmarks.kernel_cases import (
+    FULL,
+    IMPORTANCE_PROVIDERS,
+    LINEAR_PROVIDERS,
+    QUICK,
+    Grid,
+    ImportanceCase,
+    LinearCase,
+    importance_cases,
+    linear_cases,
+    run_case,
+)
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel micro-benchmarks need a CUDA GPU"),
+    pytest.mark.benchmark(timer=cuda_event_clock, disable_gc=True),
+]
+
+
+def _case_id(value: object) -> str:
+    return str(value).replace(" ", "-")
+
+
+def _grid(config: pytest.Config) -> Grid:
+    return QUICK if config.getoption("--quick", default=False) else FULL
+
+
+@pytest.fixture
+def rounds(request: pytest.FixtureRequest) -> int:
+    return _grid(request.config).rounds
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    grid = _grid(metafunc.config)
+    if metafunc.function is test_lora_importance:
+        pairs = [(c, p) for c in importance_cases(grid) for p in IMPORTANCE_PROVIDERS]
+    else:
+        pairs = [(c, p) for c in linear_cases(grid) for p in LINEAR_PROVIDERS]
+    metafunc.parametrize(("case", "provider"), pairs, ids=[f"{_case_id(c)}-{p}" for c, p in pairs])
+
+
+def _check(row: dict[str, str]) -> None:
+    if row["status"] == "missing":
+        pytest.skip(row["note"])
+    if row["status"] == "wrong":
+        pytest.fail(f"{row['provider']} disagrees with the float32 reference: {row['note']}")
+
+
+def test_lora_importance(
+    benchmark, kernel_recorder: Recorder, case: ImportanceCase, provider: str, rounds: int
+):
+    _check(run_case(benchmark, kernel_recorder, case, provider, rounds))
+
+
+def test_masked_lora_linear(
+    benchmark, kernel_recorder: Recorder, case: LinearCase, provider: str, rounds: int
+):
+    _check(run_case(benchmark, kernel_recorder, case, provider, rounds))
