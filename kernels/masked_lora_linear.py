@@ -4,16 +4,58 @@ Forward, two launches:
 
 1. ``H = drop(X⊙m_in) Aᵀ`` (M×r), the skinny LoRA down-projection, computed once;
 2. one GEMM whose fp32 accumulator starts as ``H·(s·B)ᵀ`` (the up-projection as extra K-steps)
-   and then receives ``(X⊙m_in) Wᵀ``; bias and ``m_out`` are applied in the epilogue, and output
-   tiles whose columns are all masked load nothing and store zeros.
+   and then receives ``(X⊙m_in) Wᵀ``, with the bias and ``m_out`` applied in the epilogue.
 
-Backward (``W`` and ``b`` frozen, so no ``dW``), with ``D = dY⊙m_out`` never materialised (the
-mask is applied to the ``dY`` tiles as they are loaded)::
+Output masks are gathered, not tiled. Pruned MLP channels (gate/up rows) are scattered: at 50 %
+masked almost no 64/128-wide tile of consecutive features is fully masked, so skipping whole
+tiles would save nothing. Per call, on the device and without a host synchronisation, the mask
+becomes a permutation ``order = argsort(~m_out, stable)`` (kept features first, ascending, then
+the masked ones) and a device scalar ``num_kept`` (:func:`kept_first`). The GEMM's tile ``j``
+along ``out`` covers the features ``order[j·BLOCK_P:(j+1)·BLOCK_P]`` and is one of three kinds:
+
+- inside the kept prefix: it loads the W and B rows of its features by index (each W row is
+  contiguous along K, so the loads stay coalesced and vectorised) and stores its Y columns at
+  those indices: per row of Y a scatter of whole columns, uncoalesced stores (Y is written once,
+  M·out elements, against M·out·in multiply-adds, so this is cheap);
+- inside the masked suffix: it loads nothing and stores zeros at its indices;
+- the one boundary tile: masks per column.
+
+``num_kept`` is read inside the kernels, so the grid keeps its size for all of ``out``; without an
+output mask there is no permutation and no indirection (a constexpr). Work and W/B traffic scale
+with the kept features, wherever they sit.
+
+The input mask (``m_in``: o/down projections) is applied to the loaded X tiles and is not
+gathered: gathering along K would gather W's columns, which are strided, and break coalescing.
+
+Backward (``W`` and ``b`` frozen, so no ``dW``), with ``D = dY⊙m_out``::
 
     G  = D B                                         (M×r, same kernel as H)
     dX = (D W + s·(G A)⊙keep/(1-p)) ⊙ m_in           (same GEMM kernel as the forward)
     dB = s·Dᵀ H                                      (skinny reduction over tokens)
     dA = s·Gᵀ drop(X⊙m_in)                           (same kernel as dB)
+
+With an output mask, ``dX`` and ``dB`` work on the kept features only, through a compact D:
+
+- ``G``'s kernel reads dY once, densely (vectorised loads, masked columns zeroed on the tile; G
+  is memory-bound, so its few FLOPs on masked columns cost nothing), and also writes D's kept
+  columns to a compact buffer in kept-first order: column ``q`` goes to slot "kept columns
+  before q" (a running count plus a ``cumsum`` over the tile's mask), which is its index in
+  ``order``. A warp's stores cover consecutive columns of a row, whose kept ones land on
+  consecutive slots. The ``COMPACT_TAIL`` slots after the kept ones are zeroed; the rest of the
+  buffer is never written nor read. Gathering dY's (strided) columns in dX's K loop instead
+  would mean 2-byte scalar loads, which cannot be asynchronous copies and stall the software
+  pipeline, repeated for each of the ``in/BLOCK_P`` column tiles.
+- ``dX``'s K loop runs over the kept prefix only: the compact D loads contiguously and W's rows
+  (contiguous along ``in``) are gathered by index, so both operands stay coalesced, vectorised
+  and pipelined.
+- ``dB``'s programs take blocks of ``order`` and read the compact D contiguously: kept rows are
+  computed and stored at their indices, masked ones (exactly zero) are stored without any work.
+
+The buffer costs M×out elements of the compute dtype while the backward runs (only the kept
+columns and the tail are written).
+
+On the input side ``m_in`` masks dX's columns and dA's rows, and their tiles with all features
+masked (pruned heads of o_proj) skip their loops.
 
 Dropout keeps no mask: the keep-mask is a philox hash of (seed, row, column), recomputed wherever
 it is needed; the seed is a one-element device tensor drawn from torch's default generator, so
@@ -25,6 +67,8 @@ the autocast cast, the seed draw and the leading-shape flattening.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,6 +84,9 @@ from loraprune.kernels._utils import (
 
 # Largest rank block held in registers; larger ranks loop over blocks of this size.
 MAX_RANK_BLOCK = 64
+# The compact D (see the module docstring) is zero for this many slots after its kept prefix, so
+# that the kernels reading it run their last tile (at most this wide) past the prefix with no mask.
+COMPACT_TAIL = tl.constexpr(128)
 
 
 @triton.jit
@@ -73,24 +120,31 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, Q, dropout_p, BLOCK_M: tl.constexpr,
         ],
         triton.Config({"BLOCK_M": 32, "BLOCK_Q": 32}),
     ),
-    key=["m_bucket", "Q", "R"],
+    key=["m_bucket", "Q", "R", "COMPACT"],
 )
 @triton.jit
 def _lora_down_kernel(
-    l_ptr, f_ptr, mask_ptr, seed_ptr, out_ptr,
+    l_ptr, f_ptr, mask_ptr, seed_ptr, out_ptr, lk_ptr,
     M, Q, R, m_bucket, dropout_p, keep_scale,
-    stride_lm, stride_lq, stride_fr, stride_fq, stride_om, stride_or,
-    HAS_MASK: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_lm, stride_lq, stride_fr, stride_fq, stride_om, stride_or, stride_km, stride_kq,
+    HAS_MASK: tl.constexpr, COMPACT: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
     """``out[M, R] = (L ⊙ mask ⊙ drop) · Fᵀ`` for ``L`` (M×Q) and ``F`` (R×Q): the skinny LoRA
-    down-projection ``H = drop(X⊙m_in) Aᵀ`` and, in the backward, ``G = (dY⊙m_out) B``."""
+    down-projection ``H = drop(X⊙m_in) Aᵀ`` and, in the backward, ``G = (dY⊙m_out) B``. With
+    ``COMPACT`` the kept columns of L are also written to ``LK`` (M×Q) in kept-first order, column
+    ``q`` at slot "kept columns before q" (its index in :func:`kept_first`'s order), so that L is
+    read once, densely; the ``COMPACT_TAIL`` slots after the kept ones are zeroed, the rest of LK
+    is left unwritten."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_q = tl.arange(0, BLOCK_Q)
     rows = offs_m.to(tl.int64)
     row_ok = offs_m < M
     rank_ok = offs_r < R
+    # One program per row block writes LK, not one per rank block.
+    compact_ok = offs_m < M * (tl.program_id(1) == 0).to(tl.int32)
+    kept_before = tl.zeros((), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for q0 in range(0, Q, BLOCK_Q):
         cols = q0 + offs_q
@@ -105,6 +159,15 @@ def _lora_down_kernel(
         if HAS_MASK:
             col_keep = tl.load(mask_ptr + cols, mask=col_ok, other=0) != 0
             lhs = tl.where(col_keep[None, :], lhs, 0.0)
+            if COMPACT:  # per-element stores, but a warp's land on consecutive slots of a row
+                kept = col_keep.to(tl.int32)
+                slots = kept_before + tl.cumsum(kept, axis=0) - 1
+                tl.store(
+                    lk_ptr + rows[:, None] * stride_km + slots[None, :] * stride_kq,
+                    lhs,
+                    mask=compact_ok[:, None] & col_keep[None, :],
+                )
+                kept_before += tl.sum(kept, axis=0)
         if LORA_DROPOUT:
             keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
             lhs = tl.where(keep, (lhs.to(tl.float32) * keep_scale).to(lhs.dtype), 0.0)
@@ -114,6 +177,13 @@ def _lora_down_kernel(
             other=0.0,
         )
         acc = tl.dot(lhs, rhs.to(lhs.dtype), acc, input_precision=DOT_PRECISION)
+    if COMPACT:
+        tail = kept_before + tl.arange(0, COMPACT_TAIL)
+        tl.store(
+            lk_ptr + rows[:, None] * stride_km + tail[None, :] * stride_kq,
+            tl.zeros((BLOCK_M, COMPACT_TAIL), dtype=lk_ptr.dtype.element_ty),
+            mask=compact_ok[:, None] & (tail < Q)[None, :],
+        )
     tl.store(
         out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
         acc.to(out_ptr.dtype.element_ty),
@@ -126,7 +196,8 @@ def _gemm_config(block_m: int, block_p: int, block_q: int, num_warps: int, num_s
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# BLOCK_P <= 128 keeps column tiles inside one pruned head (head_dim 128), so head masks skip tiles.
+# BLOCK_P <= 128 keeps dX's column tiles inside one pruned head of o_proj (head_dim 128), so that
+# its input mask skips tiles; the gathered output masks do not depend on the tile width.
 @triton.autotune(
     configs=tuning_configs(
         [
@@ -138,21 +209,30 @@ def _gemm_config(block_m: int, block_p: int, block_q: int, num_warps: int, num_s
         ],
         triton.Config({"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 4}),
     ),
-    key=["m_bucket", "P", "Q", "R"],
+    key=["m_bucket", "P", "Q", "R", "Q_GATHER", "P_GATHER"],
 )
 @triton.jit
 def _masked_lora_gemm_kernel(
-    l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, pmask_ptr, seed_ptr, out_ptr,
+    l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr,
+    pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, out_ptr,
     M, P, Q, R, m_bucket, scaling, dropout_p, keep_scale,
     stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
     stride_om, stride_op,
-    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_PMASK: tl.constexpr, LORA_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr,
+    HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, P] = ((L⊙m_q) Rt + s·(H F)⊙drop + bias) ⊙ m_p`` for ``L`` (M×Q), ``Rt`` (Q×P),
     ``H`` (M×r), ``F`` (r×P). The forward is ``L=X, Rt=Wᵀ, H=drop(X)Aᵀ, F=Bᵀ, m_q=m_in, m_p=m_out``;
-    ``dX`` is ``L=dY, Rt=W, H=G, F=A, m_q=m_out, m_p=m_in`` with the dropout on the LoRA term."""
+    ``dX`` is ``L=dY, Rt=W, H=G, F=A, m_q=m_out, m_p=m_in`` with the dropout on the LoRA term.
+
+    Each mask is either applied in place (``HAS_QMASK``: zeroes L's loaded tiles; ``HAS_PMASK``:
+    zeroes output columns, tiles with all columns masked skip their loops) or goes through its
+    kept-first permutation: ``Q_GATHER``: the K loop runs over the kept prefix only, on an ``L``
+    whose columns already are in that order (the compact D, zero for ``COMPACT_TAIL`` columns
+    after the kept ones) and on Rt's rows gathered by index;
+    ``P_GATHER``: column tiles are blocks of the permutation (see the module docstring)."""
     # Grouped program order: GROUP_M row blocks sweep the column blocks together, for L2 reuse.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -164,25 +244,32 @@ def _masked_lora_gemm_kernel(
     pid_p = (pid % pids_per_group) // group_size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     rows = offs_m.to(tl.int64)
     row_ok = offs_m < M
-    col_ok = offs_p < P
-    # A tile whose output columns are all masked skips both products (no W, B or A loads): its
-    # loops run zero times and it stores zeros.
-    q_end = Q
-    r_end = R
-    if HAS_PMASK:
-        col_keep = tl.load(pmask_ptr + offs_p, mask=col_ok, other=0) != 0
-        live = tl.max(col_keep.to(tl.int32), axis=0)
-        q_end = Q * live
-        r_end = R * live
+    col_ok = positions < P  # the store mask: every column of the tile is written, masked ones with 0
+    # cols: the output columns of the tile; col_load: those whose operands are loaded. A tile with
+    # no live column (live == 0) skips both products: its loops run zero times, it stores zeros.
+    live = 1
+    if P_GATHER:
+        cols = tl.load(p_order_ptr + positions, mask=col_ok, other=0)
+        num_kept = tl.load(p_count_ptr).to(tl.int32)
+        col_keep = positions < num_kept
+        live = (pid_p * BLOCK_P < num_kept).to(tl.int32)
+        # The gathered axis has no contiguity to lose: masked columns are not even loaded.
+        col_load = col_keep
+    else:
+        cols = positions
+        col_load = col_ok
+        if HAS_PMASK:  # on the tile, not the load mask (these columns may be W's contiguous axis)
+            col_keep = tl.load(pmask_ptr + cols, mask=col_ok, other=0) != 0
+            live = tl.max(col_keep.to(tl.int32), axis=0)
 
     # LoRA term first, so that the dropout (per output element) acts on it alone while only one
     # accumulator is live.
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, r_end, BLOCK_R):
+    for r0 in range(0, R * live, BLOCK_R):
         ranks = r0 + offs_r
         rank_ok = ranks < R
         h = tl.load(
@@ -191,35 +278,48 @@ def _masked_lora_gemm_kernel(
             other=0.0,
         )
         f = tl.load(
-            f_ptr + ranks[:, None] * stride_fr + offs_p[None, :] * stride_fp,
-            mask=rank_ok[:, None] & col_ok[None, :],
+            f_ptr + ranks[:, None] * stride_fr + cols[None, :] * stride_fp,
+            mask=rank_ok[:, None] & col_load[None, :],
             other=0.0,
         )
         acc = tl.dot(h, (f.to(tl.float32) * scaling).to(h.dtype), acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
-        keep = _dropout_keep(seed_ptr, offs_m, offs_p, dropout_p)
+        keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
 
+    q_len = Q
+    if Q_GATHER:
+        tl.static_assert(BLOCK_Q <= COMPACT_TAIL)
+        q_len = tl.load(q_count_ptr).to(tl.int32)
     offs_q = tl.arange(0, BLOCK_Q)
     l_ptrs = l_ptr + rows[:, None] * stride_lm + offs_q[None, :] * stride_lq
-    rt_ptrs = rt_ptr + offs_q[:, None] * stride_rq + offs_p[None, :] * stride_rp
-    for q0 in range(0, q_end, BLOCK_Q):
-        q_ok = (q0 + offs_q) < Q
-        lhs = tl.load(l_ptrs, mask=row_ok[:, None] & q_ok[None, :], other=0.0)
+    rt_ptrs = rt_ptr + offs_q[:, None] * stride_rq + cols[None, :] * stride_rp
+    for q0 in range(0, q_len * live, BLOCK_Q):
+        q_positions = q0 + offs_q
+        q_ok = q_positions < q_len
+        # L's load mask has a static bound, so that the loads stay vectorised: with Q_GATHER, L is
+        # the compact D, in kept-first order and zero for COMPACT_TAIL columns past the prefix.
+        lhs = tl.load(l_ptrs, mask=row_ok[:, None] & (q_positions < Q)[None, :], other=0.0)
         if HAS_QMASK:  # on the tile, not the load mask: keeps the loads vectorised
-            q_keep = tl.load(qmask_ptr + q0 + offs_q, mask=q_ok, other=0) != 0
+            q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
             lhs = tl.where(q_keep[None, :], lhs, 0.0)
-        rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+        if Q_GATHER:  # Rt's rows by index: W's rows, contiguous along the tile's columns (coalesced)
+            ks = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
+            rhs_ptrs = rt_ptr + ks[:, None] * stride_rq + cols[None, :] * stride_rp
+            rhs = tl.load(rhs_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+        else:
+            rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+            rt_ptrs += BLOCK_Q * stride_rq
         l_ptrs += BLOCK_Q * stride_lq
-        rt_ptrs += BLOCK_Q * stride_rq
+        acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_p, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_PMASK:
+        acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
+    if P_GATHER or HAS_PMASK:
         acc = tl.where(col_keep[None, :], acc, 0.0)
+    # With P_GATHER the columns are scattered: each row of the tile is a scatter of whole columns.
     tl.store(
-        out_ptr + rows[:, None] * stride_om + offs_p[None, :] * stride_op,
+        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
         acc.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
@@ -234,40 +334,52 @@ def _masked_lora_gemm_kernel(
         ],
         triton.Config({"BLOCK_P": 32, "BLOCK_M": 32}),
     ),
-    key=["m_bucket", "P", "R"],
+    key=["m_bucket", "P", "R", "GATHER"],
 )
 @triton.jit
 def _lora_grad_kernel(
-    l_ptr, h_ptr, mask_ptr, seed_ptr, out_ptr,
+    l_ptr, h_ptr, mask_ptr, order_ptr, count_ptr, seed_ptr, out_ptr,
     M, P, R, m_bucket, scaling, dropout_p, keep_scale,
     stride_lm, stride_lp, stride_hm, stride_hr, stride_op, stride_or,
-    HAS_MASK: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """``out[P, R] = s · (L ⊙ mask ⊙ drop)ᵀ · H``, reducing over the M tokens, for ``L`` (M×P) and
-    ``H`` (M×r): ``dB = s·(dY⊙m_out)ᵀ H`` and ``dA`` (stored transposed) ``= s·drop(X⊙m_in)ᵀ G``.
-    Each program owns a block of output rows, so no atomics are needed."""
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ``H`` (M×r): ``dB = s·(dY⊙m_out)ᵀ H`` (``GATHER``: L is the compact D, its columns in the
+    kept-first order of ``order`` and zero for ``COMPACT_TAIL`` columns after the kept ones; each
+    program takes a block of that order and stores its rows at their indices, the masked ones as
+    zeros without any work) and ``dA`` (stored transposed)
+    ``= s·drop(X⊙m_in)ᵀ G`` (``HAS_MASK``: masked rows zeroed, blocks with no kept row skip the
+    loop). Each program owns a block of output rows, so no atomics are needed."""
+    positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_m = tl.arange(0, BLOCK_M)
-    p_ok = offs_p < P
+    p_ok = positions < P
     rank_ok = offs_r < R
     m_end = M
-    if HAS_MASK:  # (L⊙m)ᵀH = diag(m)·LᵀH: masked rows are zeroed at the end; dead blocks skip the loop
-        p_keep = tl.load(mask_ptr + offs_p, mask=p_ok, other=0) != 0
-        m_end = M * tl.max(p_keep.to(tl.int32), axis=0)
+    if GATHER:
+        tl.static_assert(BLOCK_P <= COMPACT_TAIL)
+        p_idx = tl.load(order_ptr + positions, mask=p_ok, other=0)
+        num_kept = tl.load(count_ptr).to(tl.int32)
+        p_keep = positions < num_kept
+        m_end = M * (tl.program_id(0) * BLOCK_P < num_kept).to(tl.int32)
+    else:
+        p_idx = positions
+        if HAS_MASK:  # (L⊙m)ᵀH = diag(m)·LᵀH: masked rows are zeroed at the end
+            p_keep = tl.load(mask_ptr + p_idx, mask=p_ok, other=0) != 0
+            m_end = M * tl.max(p_keep.to(tl.int32), axis=0)
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     for m0 in range(0, m_end, BLOCK_M):
         tokens = m0 + offs_m
         m_ok = tokens < M
         rows = tokens.to(tl.int64)
         lhs = tl.load(
-            l_ptr + rows[:, None] * stride_lm + offs_p[None, :] * stride_lp,
+            l_ptr + rows[:, None] * stride_lm + positions[None, :] * stride_lp,
             mask=m_ok[:, None] & p_ok[None, :],
             other=0.0,
         )
         if LORA_DROPOUT:
-            keep = _dropout_keep(seed_ptr, tokens, offs_p, dropout_p)
+            keep = _dropout_keep(seed_ptr, tokens, p_idx, dropout_p)
             lhs = tl.where(keep, (lhs.to(tl.float32) * keep_scale).to(lhs.dtype), 0.0)
         h = tl.load(
             h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
@@ -276,18 +388,44 @@ def _lora_grad_kernel(
         )
         acc = tl.dot(tl.trans(lhs), h, acc, input_precision=DOT_PRECISION)
     acc *= scaling
-    if HAS_MASK:
+    if GATHER or HAS_MASK:
         acc = tl.where(p_keep[:, None], acc, 0.0)
     tl.store(
-        out_ptr + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or,
+        out_ptr + p_idx[:, None] * stride_op + offs_r[None, :] * stride_or,
         acc.to(out_ptr.dtype.element_ty),
         mask=p_ok[:, None] & rank_ok[None, :],
     )
 
 
-def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    """Bool masks go to the kernels as bytes (a free view); absent ones as an unread placeholder."""
-    return fallback if mask is None else mask.view(torch.uint8)
+class KeptFirst(NamedTuple):
+    """A keep-mask as a permutation of its axis: ``order`` (int64) lists the kept indices in
+    ascending order, then the masked ones; ``count``, a 0-d int64 tensor on the same device, is the
+    number kept (the kernels read it from device memory)."""
+
+    order: torch.Tensor
+    count: torch.Tensor
+
+
+def kept_first(mask: torch.Tensor) -> KeptFirst:
+    """The :class:`KeptFirst` permutation of a bool keep-mask, computed on its device without a host
+    synchronisation: a stable sort of one byte per feature and a sum, negligible against a GEMM."""
+    return KeptFirst(torch.argsort(mask.logical_not().view(torch.uint8), stable=True), mask.sum())
+
+
+# A mask along one kernel axis: a bool keep-mask applied to the loaded tiles, a KeptFirst gathered
+# through, or None (every index kept, no indirection).
+AxisMask = torch.Tensor | KeptFirst | None
+
+
+def _axis_args(mask: AxisMask, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel arguments ``(mask, order, count)`` for ``mask``: a bool mask goes as bytes (a free
+    view); the arguments a kernel does not read (its HAS_MASK / GATHER flags say which) are a
+    placeholder."""
+    if isinstance(mask, KeptFirst):
+        return placeholder, mask.order, mask.count
+    if mask is None:
+        return placeholder, placeholder, placeholder
+    return mask.view(torch.uint8), placeholder, placeholder
 
 
 def _keep_scale(dropout_p: float) -> float:
@@ -295,25 +433,34 @@ def _keep_scale(dropout_p: float) -> float:
 
 
 def _lora_down(
-    lhs: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float
-) -> torch.Tensor:
-    """``(lhs ⊙ mask ⊙ drop) · Fᵀ`` (M×r) in ``lhs.dtype``, for ``lhs`` (M×Q) and ``f`` (r×Q, any strides)."""
+    lhs: torch.Tensor,
+    f: torch.Tensor,
+    mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    dropout_p: float,
+    compact: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lhs ⊙ mask ⊙ drop) · Fᵀ`` (M×r) in ``lhs.dtype``, for ``lhs`` (M×Q) and ``f`` (r×Q, any
+    strides), and, with ``compact``, ``lhs⊙mask`` with its kept columns in kept-first order (M×Q:
+    zero for ``COMPACT_TAIL`` columns after the kept ones, then unwritten), else ``lhs`` itself."""
     num_rows, reduce_len = lhs.shape
     rank = f.shape[0]
     out = torch.empty((num_rows, rank), device=lhs.device, dtype=lhs.dtype)
+    lhs_kept = torch.empty_like(lhs) if compact else lhs
     block_r = padded_rank(rank, MAX_RANK_BLOCK)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r)
 
     _lora_down_kernel[grid](
-        lhs, f, _mask_arg(mask, lhs), lhs if seed is None else seed, out,
+        lhs, f, _axis_args(mask, lhs)[0], lhs if seed is None else seed, out, lhs_kept,
         num_rows, reduce_len, rank, m_bucket(num_rows), dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), f.stride(0), f.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype),
-        BLOCK_R=block_r,
+        lhs_kept.stride(0), lhs_kept.stride(1),
+        HAS_MASK=mask is not None, COMPACT=compact,
+        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), BLOCK_R=block_r,
     )  # fmt: skip
-    return out
+    return out, lhs_kept
 
 
 def _lora_grad(
@@ -321,12 +468,13 @@ def _lora_grad(
     hidden: torch.Tensor,
     out: torch.Tensor,
     scaling: float,
-    mask: torch.Tensor | None,
+    mask: AxisMask,
     seed: torch.Tensor | None,
     dropout_p: float,
 ) -> None:
     """Write ``s · (lhs ⊙ mask ⊙ drop)ᵀ · hidden`` into ``out`` (P×r, any strides: a transposed view
-    writes the transpose)."""
+    writes the transpose); with a gathered mask ``lhs`` comes in kept-first order (from
+    :func:`_lora_down`)."""
     num_rows, num_cols = lhs.shape
     rank = hidden.shape[1]
     block_r = padded_rank(rank, MAX_RANK_BLOCK)
@@ -335,11 +483,11 @@ def _lora_grad(
         return triton.cdiv(num_cols, meta["BLOCK_P"]), triton.cdiv(rank, block_r)
 
     _lora_grad_kernel[grid](
-        lhs, hidden, _mask_arg(mask, lhs), lhs if seed is None else seed, out,
+        lhs, hidden, *_axis_args(mask, lhs), lhs if seed is None else seed, out,
         num_rows, num_cols, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), hidden.stride(0), hidden.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype),
-        BLOCK_R=block_r,
+        HAS_MASK=isinstance(mask, torch.Tensor), GATHER=isinstance(mask, KeptFirst),
+        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), BLOCK_R=block_r,
     )  # fmt: skip
 
 
@@ -350,13 +498,14 @@ def _masked_gemm(
     f: torch.Tensor,
     scaling: float,
     bias: torch.Tensor | None,
-    q_mask: torch.Tensor | None,
-    p_mask: torch.Tensor | None,
+    q_mask: AxisMask,
+    p_mask: AxisMask,
     seed: torch.Tensor | None,
     dropout_p: float,
 ) -> torch.Tensor:
     """``((lhs⊙q_mask) Rt + s·(hidden F)⊙drop + bias) ⊙ p_mask`` (M×P) in ``lhs.dtype``, for ``lhs``
-    (M×Q), ``rt`` (Q×P), ``hidden`` (M×r) and ``f`` (r×P); ``rt`` and ``f`` may be transposed views."""
+    (M×Q), ``rt`` (Q×P), ``hidden`` (M×r) and ``f`` (r×P); ``rt`` and ``f`` may be transposed views.
+    With a gathered ``q_mask``, ``lhs`` comes in kept-first order (from :func:`_lora_down`)."""
     num_rows, reduce_len = lhs.shape
     rank, num_cols = f.shape
     out = torch.empty((num_rows, num_cols), device=lhs.device, dtype=lhs.dtype)
@@ -365,12 +514,14 @@ def _masked_gemm(
         return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_P"]),)
 
     _masked_lora_gemm_kernel[grid](
-        lhs, rt, hidden, f, lhs if bias is None else bias, _mask_arg(q_mask, lhs), _mask_arg(p_mask, lhs),
+        lhs, rt, hidden, f, lhs if bias is None else bias, *_axis_args(q_mask, lhs), *_axis_args(p_mask, lhs),
         lhs if seed is None else seed, out,
         num_rows, num_cols, reduce_len, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), rt.stride(0), rt.stride(1), hidden.stride(0), hidden.stride(1),
         f.stride(0), f.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, HAS_QMASK=q_mask is not None, HAS_PMASK=p_mask is not None,
+        HAS_BIAS=bias is not None,
+        HAS_QMASK=isinstance(q_mask, torch.Tensor), Q_GATHER=isinstance(q_mask, KeptFirst),
+        HAS_PMASK=isinstance(p_mask, torch.Tensor), P_GATHER=isinstance(p_mask, KeptFirst),
         LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype),
         BLOCK_R=padded_rank(rank, MAX_RANK_BLOCK),
     )  # fmt: skip
@@ -396,9 +547,10 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = _rows_contiguous(x)
     with device_guard(x.device):
-        hidden = _lora_down(x, lora_a, in_mask, seed, dropout_p)
+        out_kept = None if out_mask is None else kept_first(out_mask)
+        hidden, _ = _lora_down(x, lora_a, in_mask, seed, dropout_p)
         # Transposed views (no copies) give the GEMM its (Q×P) and (r×P) operands.
-        y = _masked_gemm(x, weight.t(), hidden, lora_b.t(), scaling, bias, in_mask, out_mask, None, 0.0)
+        y = _masked_gemm(x, weight.t(), hidden, lora_b.t(), scaling, bias, in_mask, out_kept, None, 0.0)
     return y, hidden
 
 
@@ -422,18 +574,22 @@ def _backward(
     x = _rows_contiguous(x)
     grad_x = grad_a = grad_b = grad_y.new_empty(0)  # placeholders for the gradients not asked for
     with device_guard(grad_y.device):
+        out_kept = None if out_mask is None else kept_first(out_mask)  # recomputed: cheaper than saved
+        # G's kernel reads dY anyway: with an output mask it also writes the compact D (grad_d: D's
+        # kept columns in kept-first order) that dB and dX read contiguously (module docstring).
+        grad_d = grad_y
+        if needs_x or needs_a or out_kept is not None:
+            grad_hidden, grad_d = _lora_down(grad_y, lora_b.t(), out_mask, None, 0.0, out_kept is not None)
         if needs_b:
             grad_b = torch.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
-            _lora_grad(grad_y, hidden, grad_b, scaling, out_mask, None, 0.0)
-        if needs_x or needs_a:
-            grad_hidden = _lora_down(grad_y, lora_b.t(), out_mask, None, 0.0)
-            if needs_a:
-                grad_a = torch.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
-                _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p)
-            if needs_x:
-                grad_x = _masked_gemm(
-                    grad_y, weight, grad_hidden, lora_a, scaling, None, out_mask, in_mask, seed, dropout_p
-                )
+            _lora_grad(grad_d, hidden, grad_b, scaling, out_kept, None, 0.0)
+        if needs_a:
+            grad_a = torch.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
+            _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p)
+        if needs_x:
+            grad_x = _masked_gemm(
+                grad_d, weight, grad_hidden, lora_a, scaling, None, out_kept, in_mask, seed, dropout_p
+            )
     return grad_x, grad_a, grad_b
 
 

@@ -1,19 +1,22 @@
 """The Triton masked LoRA linear against its PyTorch reference, the specification.
 
 Without a GPU the kernels run through the Triton interpreter in float32 at small odd shapes; the
-float16/bfloat16 cases at LLaMA-7B shapes need a GPU.
+float16/bfloat16 cases at LLaMA-7B shapes need a GPU. Through the interpreter, the loads the
+kernels issue can be observed: that is how the gathering of output masks is checked.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
 
 from loraprune import ops
+from loraprune.ops._dispatch import triton_interpreter
 from loraprune.ops.masked_lora_linear import masked_lora_linear_reference
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -89,6 +92,15 @@ def make_masks(kind: str, out_features: int, in_features: int, seed: int = 1, de
     }[kind]()
 
 
+def scattered_mask(n: int, num_masked: int, seed: int = 3, device=DEVICE) -> torch.Tensor:
+    """A keep-mask with exactly ``num_masked`` features masked at random positions, as pruned MLP
+    channels are: scattered, so that hardly any tile of consecutive features is fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[:num_masked]] = False
+    return mask.to(device)
+
+
 def run(
     fn, layer: dict, out_mask, in_mask, dropout_p: float = 0.0, training: bool = False, grad_seed: int = 2
 ):
@@ -136,6 +148,90 @@ def test_forward_and_gradients_match_reference(shape, mask_kind, with_bias):
         assert_close(got, want, torch.float32)
     if mask_kind == "all_masked":
         assert not actual[0].any() and not actual[1].any() and not actual[2].any() and not actual[3].any()
+
+
+def test_kept_first_lists_the_kept_features_first_in_order():
+    for num_masked in (0, 1, 37, 79, 80):
+        mask = scattered_mask(80, num_masked, seed=num_masked)
+        order, count = kernel.kept_first(mask)
+        kept, masked = mask.nonzero().flatten(), (~mask).nonzero().flatten()
+        assert count.ndim == 0 and count.device == mask.device and count.item() == 80 - num_masked
+        assert torch.equal(order, torch.cat([kept, masked]))
+
+
+SCATTERED_FRACTIONS = {"all_kept": 0.0, "one_masked": None, "half": 0.5, "most": 0.9, "all_masked": 1.0}
+SCATTERED_CASES = {  # (leading shape of x, in, out, rank, bias, in-mask); out: 2.5 and 6.25 tiles of 32
+    "2d_bias": ((37,), 96, 80, 5, True, False),
+    "3d_in_mask": ((2, 9), 70, 200, 19, False, True),
+}
+
+
+@pytest.mark.parametrize("fraction", SCATTERED_FRACTIONS.values(), ids=SCATTERED_FRACTIONS.keys())
+@pytest.mark.parametrize("case", SCATTERED_CASES.values(), ids=SCATTERED_CASES.keys())
+def test_scattered_output_masks_match_reference(case, fraction):
+    """Kept-first tiles of every kind (fully kept, boundary, fully masked, partly out of range)."""
+    lead, in_features, out_features, rank, with_bias, with_in_mask = case
+    num_masked = 1 if fraction is None else round(fraction * out_features)
+    layer = make_layer(lead, in_features, out_features, rank, bias=with_bias)
+    out_mask = scattered_mask(out_features, num_masked)
+    in_mask = make_masks("in_only", out_features, in_features)[1] if with_in_mask else None
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+    y, _, _, grad_b = actual
+    assert not y[..., ~out_mask].any() and not grad_b[~out_mask].any()  # exact zeros
+
+
+@pytest.mark.skipif(not triton_interpreter(), reason="observes the loads through the Triton interpreter")
+def test_scattered_masked_features_are_never_loaded_nor_computed(monkeypatch):
+    """With 90 % of the output features masked at scattered positions almost every 32-wide tile of
+    consecutive features holds a kept one, so skipping masked tiles would read nearly every W row.
+    The gathered kernels read exactly the kept rows of W (forward and dX) and of B (forward), and
+    the forward's tile products shrink with the kept features."""
+    from triton.runtime import interpreter
+
+    lead, in_features, out_features, rank = (2, 9), 70, 200, 19
+    layer = make_layer(lead, in_features, out_features, rank)
+    out_mask = scattered_mask(out_features, 180)
+    kept = set(out_mask.nonzero().flatten().tolist())
+    builder = interpreter.InterpreterBuilder
+    masked_load, dot = builder.create_masked_load, builder.create_dot
+    loaded: list[np.ndarray] = []  # addresses of the elements loaded
+    num_dots = [0]
+
+    def spy_load(self, ptrs, mask, *args):
+        loaded.append(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64))
+        return masked_load(self, ptrs, mask, *args)
+
+    def spy_dot(self, *args):
+        num_dots[0] += 1
+        return dot(self, *args)
+
+    monkeypatch.setattr(builder, "create_masked_load", spy_load)
+    monkeypatch.setattr(builder, "create_dot", spy_dot)
+
+    def rows_loaded(t: torch.Tensor) -> set[int]:
+        """The rows of the contiguous matrix ``t`` of which some element was loaded."""
+        addresses = np.concatenate(loaded) if loaded else np.zeros(0, np.uint64)
+        base, row_bytes = t.data_ptr(), t.stride(0) * t.element_size()
+        inside = addresses[(addresses >= base) & (addresses < base + t.numel() * t.element_size())]
+        return set(((inside - base) // row_bytes).tolist())
+
+    def forward(out_mask):
+        args = (layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"], layer["scaling"])
+        return kernel.masked_lora_linear(layer["x"], *args, out_mask, None, 0.0, False)
+
+    y = forward(out_mask)
+    dots_masked = num_dots[0]
+    assert rows_loaded(layer["weight"]) == kept and rows_loaded(layer["lora_b"]) == kept
+    y.backward(torch.randn_like(y))
+    assert rows_loaded(layer["weight"]) == kept  # dX reduces over the kept W rows only
+    loaded.clear()
+    num_dots[0] = 0
+    forward(None)
+    assert rows_loaded(layer["weight"]) == set(range(out_features))  # the spy does see every load
+    assert 3 * dots_masked < num_dots[0]
 
 
 @pytest.mark.parametrize("mask_kind", ["both_random", "absent"])
@@ -216,34 +312,41 @@ def test_dropout_reproducible_under_manual_seed_and_off_when_not_training():
         assert_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("mask_kind", ["head_blocks", "scattered"])
 @pytest.mark.parametrize(
     "dtype",
     [torch.float32, pytest.param(torch.bfloat16, marks=requires_cuda)],
     ids=["float32", "bfloat16"],
 )
-def test_every_output_element_is_written(monkeypatch, dtype):
-    """Buffers the launchers allocate come back NaN-poisoned: a missed element would show."""
+def test_every_output_element_is_written(monkeypatch, dtype, mask_kind):
+    """Buffers the launchers allocate come back NaN-poisoned: a missed element would show, and so
+    would a read of the compact D's unwritten part."""
     lead, in_features, out_features, rank = (29,), 72, 66, 6
     dropout_p = 0.2
     layer = make_layer(lead, in_features, out_features, rank, dtype=dtype)
     out_mask, in_mask = make_masks("head_blocks", out_features, in_features)
+    if mask_kind == "scattered":
+        out_mask = scattered_mask(out_features, 33)
     torch.manual_seed(7)
     seed = kernel.draw_dropout_seed(DEVICE)
     keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p)
     expected = run(reference_with_keep(keep, dropout_p), layer, out_mask, in_mask)
 
-    empty = torch.empty
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate_poisoned
 
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
     torch.manual_seed(7)
     actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask, dropout_p, training=True)
     monkeypatch.undo()
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, dtype)  # includes isfinite
+    assert not actual[0][:, ~out_mask].any() and not actual[3][~out_mask].any()
 
 
 def test_non_contiguous_inputs():
@@ -369,6 +472,29 @@ def test_llama_shapes_half_precision(dtype, in_out, rank):
     actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
     for got, want in zip(actual, exact, strict=True):
         assert_close(got, want.to(got.dtype), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rank", [8, 64])
+@pytest.mark.parametrize("projection", ["gate_up", "down"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_llama_mlp_shapes_scattered_masks_half_precision(dtype, projection, rank):
+    """Half the MLP channels pruned at scattered positions: the rows of gate/up (gathered output
+    features), the columns of down (input mask)."""
+    hidden, intermediate = 4096, 11008
+    if projection == "gate_up":
+        in_features, out_features = hidden, intermediate
+        out_mask, in_mask = scattered_mask(intermediate, intermediate // 2), None
+    else:
+        in_features, out_features = intermediate, hidden
+        out_mask, in_mask = None, scattered_mask(intermediate, intermediate // 2)
+    layer = make_layer((2, 300), in_features, out_features, rank, dtype=dtype)
+    exact = exact_reference(layer, out_mask, in_mask)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    for got, want in zip(actual, exact, strict=True):
+        assert_close(got, want.to(got.dtype), dtype)
+    if out_mask is not None:
+        assert not actual[0][..., ~out_mask].any() and not actual[3][~out_mask].any()
 
 
 @requires_cuda
