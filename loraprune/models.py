@@ -121,8 +121,11 @@ def set_attention_heads(attention: nn.Module, num_heads: int, num_kv_heads: int)
     """Keep an attention module's head bookkeeping consistent with resized projections."""
     attention.num_key_value_groups = num_heads // num_kv_heads
     # transformers 4.x reads these in forward (Qwen2 reshapes its output to ``hidden_size``)
-    legacy = {"num_heads": num_heads, "num_key_value_heads": num_kv_heads,
-              "hidden_size": num_heads * attention.head_dim}
+    legacy = {
+        "num_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "hidden_size": num_heads * attention.head_dim,
+    }
     for name, value in legacy.items():
         if hasattr(attention, name):
             setattr(attention, name, value)

@@ -15,15 +15,22 @@ from loraprune.run import PruningRun, RunConfig
 
 def short_run(criterion: str, device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int = 4):
     model = tiny_model("llama-gqa-tied", layers=2).to(device)
-    run = PruningRun(model.to(dtype), random_tokens(batch=12, length=10, seed=2),
-                     LoraPruneConfig(ratio=0.5, criterion=criterion, layers=(0, 1), lora_dropout=0.0),
-                     RunConfig(steps=steps, batch_size=2, seq_len=10, prune_every=2, save_every=0), progress=False)
+    run = PruningRun(
+        model.to(dtype),
+        random_tokens(batch=12, length=10, seed=2),
+        LoraPruneConfig(ratio=0.5, criterion=criterion, layers=(0, 1), lora_dropout=0.0),
+        RunConfig(steps=steps, batch_size=2, seq_len=10, prune_every=2, save_every=0),
+        progress=False,
+    )
     losses = []
     for _ in range(steps):
         run.run(stop_after=1)
         losses.append(run.last_loss)
-    factors = {p: (m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu())
-               for p, m in lora_modules(run.model).items() if m.lora_A is not None}
+    factors = {
+        p: (m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu())
+        for p, m in lora_modules(run.model).items()
+        if m.lora_A is not None
+    }
     return losses, [k.clone() for k in run.pruner.keep], factors
 
 
@@ -52,9 +59,14 @@ def test_gpu_kernels_on_and_off_give_matching_bf16_runs(monkeypatch, tiny_llama_
     def run(backend: str) -> list[float]:
         monkeypatch.setenv("LORAPRUNE_BACKEND", backend)
         model = load_model(tiny_llama_dir, dtype="bfloat16", device="cuda")
-        pruning = PruningRun(model, data, LoraPruneConfig(ratio=0.5, lora_dropout=0.0),
-                             RunConfig(steps=30, batch_size=4, seq_len=256, prune_every=5, save_every=0),
-                             amp_dtype=torch.bfloat16, progress=False)
+        pruning = PruningRun(
+            model,
+            data,
+            LoraPruneConfig(ratio=0.5, lora_dropout=0.0),
+            RunConfig(steps=30, batch_size=4, seq_len=256, prune_every=5, save_every=0),
+            amp_dtype=torch.bfloat16,
+            progress=False,
+        )
         losses = []
         for _ in range(30):
             pruning.run(stop_after=1)
