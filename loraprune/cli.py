@@ -13,6 +13,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -381,7 +382,7 @@ def _prune_report(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "prune_config": prune_config.to_dict(),
-        "run_config": {k: v for k, v in vars(run_config).items()},
+        "run_config": asdict(run_config),
         "groups": [vars(s) for s in status],
         "layers": layers,
         "parameters": {"before": dense_parameters, "after": after, "ratio": after / dense_parameters},

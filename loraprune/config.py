@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CRITERIA = ("lora", "taylor", "magnitude", "random")
@@ -86,14 +86,6 @@ class LoraPruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LoraPruneConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown LoraPruneConfig fields: {sorted(unknown)}")
-        return cls(**data)
 
 
 def check_ratio(value: float, name: str = "ratio") -> float:

@@ -182,8 +182,9 @@ def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.M
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)  # LoRA initialisation is reproducible from the config's seed
     try:
+        lora = {id(p) for p in lora_parameters(model)}  # factors of projections patched before stay trainable
         for param in model.parameters():
-            param.requires_grad_(False)
+            param.requires_grad_(id(param) in lora)
         for path, (name, module) in targets.items():
             if _is_peft_lora_layer(module):
                 new = LoraPruneLinear.from_peft(module, peft_adapter)

@@ -18,7 +18,7 @@ import resource
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -89,10 +89,6 @@ class RunConfig:
         end = max(1, math.ceil(self.steps - self.cooldown * self.steps))
         start = self.warmup * self.steps
         return sorted({t for t in range(self.prune_every, end, self.prune_every) if t > start} | {end})
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RunConfig:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass

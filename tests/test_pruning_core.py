@@ -56,6 +56,7 @@ def test_patch_model_swaps_projections_freezes_base_and_starts_as_identity():
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     torch.testing.assert_close(logits(patched, tokens), before, rtol=0, atol=1e-5)  # B = 0 at start
     assert patch_model(patched) is patched and len(lora_modules(patched)) == 28  # idempotent
+    assert [n for n, p in patched.named_parameters() if p.requires_grad] == trainable
 
 
 def test_lora_initialisation_follows_the_seed():
