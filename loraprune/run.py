@@ -169,8 +169,8 @@ class PruningRun:
             else 0.0
         )
 
-    def _backward(self, batch_index: int) -> float:
-        """Forward and backward of one micro-batch; returns its (unscaled, undivided) loss."""
+    def _backward(self, batch_index: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (unscaled, undivided) loss on the device."""
         batch = self.sampler.batch(batch_index).to(self.device)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
@@ -178,7 +178,7 @@ class PruningRun:
             loss = self.model(input_ids=batch, labels=batch).loss
         self.scaler.scale(loss / self.run_config.grad_accum).backward()
         self.tokens_seen += batch.numel()
-        return float(loss.detach())
+        return loss.detach()
 
     def _calibrate(self) -> None:
         """One-shot scoring: importance over ``calib_batches`` batches, then prune to the target."""
@@ -206,7 +206,7 @@ class PruningRun:
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
         self.step += 1
-        self.last_loss = sum(losses) / len(losses)
+        self.last_loss = float(torch.stack(losses).mean())  # the step's one host synchronisation
         if self.step in self.prune_steps:
             self.pruner.prune(self.current_ratio())
             if self.step == self.last_prune_step:
