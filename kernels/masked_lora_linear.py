@@ -533,7 +533,8 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(
+@torch.library.custom_op("loraprune::masked_lora_linear", mutates_args=())
+def masked_lora_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -545,6 +546,10 @@ def _forward(
     dropout_p: float,
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on 2-D ``x`` (M×in) in ``weight.dtype``; dropout is on iff ``seed`` is given.
+
+    Returns ``Y`` and the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses.
+    """
     x = _rows_contiguous(x)
     with device_guard(x.device):
         out_kept = None if out_mask is None else kept_first(out_mask)
@@ -554,7 +559,8 @@ def _forward(
     return y, hidden
 
 
-def _backward(
+@torch.library.custom_op("loraprune::masked_lora_linear_backward", mutates_args=())
+def masked_lora_linear_backward_op(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -570,6 +576,7 @@ def _backward(
     needs_a: bool,
     needs_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX, dA, dB)``; a gradient not asked for comes back as an empty placeholder."""
     grad_y = _rows_contiguous(grad_y)
     x = _rows_contiguous(x)
     grad_x = grad_a = grad_b = grad_y.new_empty(0)  # placeholders for the gradients not asked for
@@ -593,65 +600,9 @@ def _backward(
     return grad_x, grad_a, grad_b
 
 
-@torch.library.custom_op("loraprune::masked_lora_linear", mutates_args=())
-def masked_lora_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    out_mask: torch.Tensor | None,
-    in_mask: torch.Tensor | None,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op on 2-D ``x`` (M×in) in ``weight.dtype``; dropout is on iff ``seed`` is given.
-
-    Returns ``Y`` and the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses.
-    """
-    return _forward(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, seed)
-
-
 @masked_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, seed):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
-
-
-@torch.library.custom_op("loraprune::masked_lora_linear_backward", mutates_args=())
-def masked_lora_linear_backward_op(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    hidden: torch.Tensor,
-    scaling: float,
-    out_mask: torch.Tensor | None,
-    in_mask: torch.Tensor | None,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-    needs_x: bool,
-    needs_a: bool,
-    needs_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dA, dB)``; a gradient not asked for comes back as an empty placeholder."""
-    return _backward(
-        grad_y,
-        x,
-        weight,
-        lora_a,
-        lora_b,
-        hidden,
-        scaling,
-        out_mask,
-        in_mask,
-        dropout_p,
-        seed,
-        needs_x,
-        needs_a,
-        needs_b,
-    )
 
 
 @masked_lora_linear_backward_op.register_fake
