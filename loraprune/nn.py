@@ -156,7 +156,9 @@ def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.M
     is frozen. Returns the (unwrapped) Hugging Face model; patching twice is a no-op. Everything
     is checked before the first module is swapped, so a rejected model is left untouched.
     """
-    config = config or LoraPruneConfig()
+    config = LoraPruneConfig() if config is None else config
+    if not isinstance(config, LoraPruneConfig):
+        raise TypeError(f"config must be a LoraPruneConfig, got {type(config).__name__}")
     peft_adapter = _active_peft_adapter(model)
     model = unwrap_model(model)
     targets = {}

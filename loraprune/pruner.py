@@ -42,8 +42,8 @@ class LoraPruner:
     """
 
     def __init__(self, model: nn.Module, config: LoraPruneConfig | None = None) -> None:
+        self.model = patch_model(model, config)
         self.config = config or LoraPruneConfig()
-        self.model = patch_model(model, self.config)
         self.groups: list[StructureGroup] = build_groups(self.model, self.config)
         self.tracker = ImportanceTracker(self.model, self.groups, self.config)
         self.keep = [torch.ones(g.num_units, dtype=torch.bool) for g in self.groups]

@@ -306,6 +306,8 @@ def test_bad_input_raises_clear_errors(tmp_path):
         pruner.prune(1.5)
     with pytest.raises(ValueError, match="layers"):
         LoraPruner(tiny_model(layers=4), LoraPruneConfig(layers=(7,)))
+    with pytest.raises(TypeError, match="config"):
+        LoraPruner(tiny_model(), {"ratio": 0.5})
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
