@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from loraprune.structures import PRUNED_MODEL_TYPE_PREFIX, SUPPORTED_MODEL_TYPES
 
@@ -84,11 +84,21 @@ def load_model(
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The checkpoint's tokenizer, or ``None`` when it has none."""
+    """The checkpoint's tokenizer, or ``None`` when it has none.
+
+    A ``tokenizer.json`` whose ``tokenizer_config.json`` names a class this transformers lacks
+    (one saved by a newer release) still loads, as a plain fast tokenizer.
+    """
+    path = Path(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(Path(model_dir))
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
-        return None
+        if not (path / "tokenizer.json").is_file():
+            return None
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
