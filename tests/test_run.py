@@ -126,19 +126,25 @@ def test_lm_eval_missing_is_a_clear_error(monkeypatch):
         lm_eval_tasks(tiny_model(), None, ["hellaswag"])
 
 
-def test_tokenizer_saved_by_a_newer_transformers_still_loads(tiny_llama_dir, tmp_path):
+def test_tokenizer_saved_by_a_newer_transformers_still_loads(tiny_llama_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from loraprune.io import load_tokenizer
+    import loraprune.io
 
+    expected_tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     (tmp_path / "tokenizer.json").write_bytes((tiny_llama_dir / "tokenizer.json").read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(
         '{"tokenizer_class": "TokenizerOfTheFuture", "eos_token": "</s>"}'
     )
-    tokenizer = load_tokenizer(tmp_path)
+
+    def older_transformers(*args, **kwargs):  # what transformers 4.x says of a class it lacks
+        raise ValueError("Tokenizer class TokenizerOfTheFuture does not exist or is not currently imported.")
+
+    monkeypatch.setattr(loraprune.io.AutoTokenizer, "from_pretrained", older_transformers)
+    tokenizer = loraprune.io.load_tokenizer(tmp_path)
     text = "Pruning keeps the heads that matter."
-    expected = AutoTokenizer.from_pretrained(tiny_llama_dir)(text, add_special_tokens=False)["input_ids"]
+    expected = expected_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert (
         tokenizer(text, add_special_tokens=False)["input_ids"] == expected and tokenizer.eos_token == "</s>"
     )
-    assert load_tokenizer(tmp_path / "missing") is None
+    assert loraprune.io.load_tokenizer(tmp_path / "missing") is None
