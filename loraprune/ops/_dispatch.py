@@ -19,6 +19,10 @@ import torch
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "LORAPRUNE_BACKEND"
+CUDA_BUILD_HINT = (
+    "build it with a CUDA toolkit (nvcc on PATH or CUDA_HOME set): "
+    "LORAPRUNE_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e ."
+)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -52,10 +56,7 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
     if backend == "cuda":
         error = _import_error("loraprune._C")
         if error:
-            return (
-                f"the CUDA extension loraprune._C is not built ({error}); reinstall with nvcc on PATH "
-                "(LORAPRUNE_FORCE_CUDA_BUILD=1 pip install .)"
-            )
+            return f"the CUDA extension loraprune._C is not built ({error}); {CUDA_BUILD_HINT}"
         if device.type != "cuda":
             return f"the CUDA extension needs CUDA tensors (got {device})"
         return None

@@ -16,12 +16,7 @@ from types import ModuleType
 
 import torch
 
-from loraprune.ops._dispatch import BackendUnavailableError
-
-BUILD_HINT = (
-    "build it with a CUDA toolkit (nvcc on PATH or CUDA_HOME set): "
-    "LORAPRUNE_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e ."
-)
+from loraprune.ops._dispatch import CUDA_BUILD_HINT, BackendUnavailableError
 
 # Element type codes of csrc/loraprune_C.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -35,7 +30,7 @@ def extension() -> ModuleType:
         return importlib.import_module("loraprune._C")
     except Exception as exc:  # ImportError, or OSError from a build for another platform
         raise BackendUnavailableError(
-            f"the CUDA extension loraprune._C is not available ({type(exc).__name__}: {exc}); {BUILD_HINT}"
+            f"the CUDA extension loraprune._C is not available ({type(exc).__name__}: {exc}); {CUDA_BUILD_HINT}"
         ) from exc
 
 
