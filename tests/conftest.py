@@ -7,6 +7,7 @@ triton is first imported, so it is set here, at collection start.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,27 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
-def triton_available() -> bool:
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def triton_skip_reason() -> str | None:
+    """Why the Triton kernels cannot run in this environment, or None when they can."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return "triton is not installed"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+
+        # Before 3.7 the interpreter calls int() on 1-element arrays, an error since numpy 2.4.
+        if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+            return (
+                f"the interpreter of triton {triton.__version__} fails under numpy {numpy.__version__}: "
+                "install triton>=3.7 or numpy<2.4"
+            )
+    return None
 
 
-requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+TRITON_SKIP_REASON = triton_skip_reason()
+requires_triton = pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=str(TRITON_SKIP_REASON))

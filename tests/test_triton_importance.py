@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import TRITON_SKIP_REASON, requires_cuda
 
 from loraprune import ops
 from loraprune.ops.lora_importance import lora_importance_reference
 from loraprune.ops.score_update import score_update_reference
 
-pytest.importorskip("triton", reason="triton is not installed")
+if TRITON_SKIP_REASON:
+    pytest.skip(TRITON_SKIP_REASON, allow_module_level=True)
 from loraprune.kernels import lora_importance as importance_kernel
 from loraprune.kernels import score_update as score_kernel
 

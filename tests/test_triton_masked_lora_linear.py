@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import TRITON_SKIP_REASON, requires_cuda
 
 from loraprune import ops
 from loraprune.ops._dispatch import triton_interpreter
 from loraprune.ops.masked_lora_linear import masked_lora_linear_reference
 
-pytest.importorskip("triton", reason="triton is not installed")
+if TRITON_SKIP_REASON:
+    pytest.skip(TRITON_SKIP_REASON, allow_module_level=True)
 from loraprune.kernels import masked_lora_linear as kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
