@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from loraprune.kernels._utils import device_guard, dot_precision, num_programs_target, padded_rank
+from loraprune.ops.lora_importance import TRITON_MAX_RANK
 
 
 @triton.jit
@@ -74,15 +75,18 @@ def _lora_importance_kernel(
 
 def _block_config(block_r: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the B-side factor tiles stay resident and the
-    A-side tiles are as tall as the rank, so higher ranks take smaller tiles and fewer stages to fit
-    in shared memory (checked for sm_90: at most ~140 KB up to rank 128)."""
-    if block_r <= 32:
-        return 64, 64, 4, 3
+    A-side tiles are as tall as the rank, so higher ranks take shorter row blocks. Each is the
+    largest tile that ptxas compiles without local memory (spills) for both sm_80 and sm_90, as
+    ``python tests/triton_compile_only.py --arch 80|90`` reports."""
+    if block_r <= 16:
+        return 64, 64, 8, 3
     if block_r <= 64:
-        return 64, 64, 8, 2
-    if block_r <= 128:
-        return 32, 64, 8, 2
-    return 16, 32, 4, 2
+        return 32, 64, 8, 3
+    if block_r <= TRITON_MAX_RANK:
+        return 16, 32, 8, 3
+    raise ValueError(
+        f"the Triton importance kernel takes rank <= {TRITON_MAX_RANK}, got a rank block of {block_r}"
+    )
 
 
 def lora_importance(

@@ -218,3 +218,24 @@ def test_dispatch_rules(monkeypatch):
         ops.lora_importance(
             torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2), torch.randn(2, 3), torch.randn(4, 2), 1.0
         )
+
+
+def test_dispatch_passes_over_a_backend_that_cannot_take_the_inputs(monkeypatch):
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    gpu = torch.device("cuda")  # resolve reads only the device type: no GPU is touched
+    implementations = {"triton": len, "torch": abs}
+    if _dispatch.backend_unavailable_reason("triton", gpu) is None:
+        assert _dispatch.resolve("op", implementations, gpu)[0] == "triton"
+    unsupported = {"triton": "its kernel takes rank <= 128, got 129"}
+    assert _dispatch.resolve("op", implementations, gpu, None, unsupported)[0] == "torch"
+    with pytest.raises(ops.BackendUnavailableError, match="rank <= 128, got 129"):
+        _dispatch.resolve("op", implementations, gpu, "triton", unsupported)
+
+
+def test_importance_above_the_triton_rank_limit_names_the_rank():
+    from loraprune.ops.lora_importance import TRITON_MAX_RANK
+
+    rank = TRITON_MAX_RANK + 1
+    factors = torch.randn(rank, 3), torch.randn(4, rank)
+    with pytest.raises(ops.BackendUnavailableError, match=f"got {rank}"):
+        ops.lora_importance(torch.randn(4, 3), *factors, *factors, 1.0, backend="triton")

@@ -75,23 +75,32 @@ def requested_backend(backend: str | None) -> str | None:
 
 
 def resolve(
-    op: str, implementations: Mapping[str, str | Callable], device: torch.device, backend: str | None = None
+    op: str,
+    implementations: Mapping[str, str | Callable],
+    device: torch.device,
+    backend: str | None = None,
+    unsupported: Mapping[str, str] | None = None,
 ) -> tuple[str, Callable]:
     """Pick the backend and implementation of ``op`` for tensors on ``device``.
 
     ``implementations`` maps backend names to callables or ``"module:function"`` paths that are
     imported on first use, so that a missing Triton or extension costs nothing until called.
+    ``unsupported`` maps backends that cannot take these particular inputs to the reason: the
+    automatic choice passes over them, and forcing one fails with that reason.
     """
+    unsupported = unsupported or {}
     forced = requested_backend(backend)
     if forced is not None and forced in implementations:
-        reason = backend_unavailable_reason(forced, device)
+        reason = unsupported.get(forced) or backend_unavailable_reason(forced, device)
         if reason:
             raise BackendUnavailableError(f"{op}: backend {forced!r} was requested but {reason}")
         return forced, _load(implementations[forced])
     candidates = BACKENDS[BACKENDS.index(forced) + 1 :] if forced else BACKENDS
     for name in candidates:
         runs_here = name == "torch" or (
-            device.type == "cuda" and backend_unavailable_reason(name, device) is None
+            device.type == "cuda"
+            and name not in unsupported
+            and backend_unavailable_reason(name, device) is None
         )
         if name in implementations and runs_here:
             return name, _load(implementations[name])

@@ -18,6 +18,8 @@ import torch
 from loraprune.ops._checks import FLOAT_DTYPES, check_scalar, check_tensor
 from loraprune.ops._dispatch import resolve
 
+# The Triton kernel holds the whole (padded) rank in one tile; the CUDA kernel streams any rank.
+TRITON_MAX_RANK = 128
 IMPLEMENTATIONS = {
     "cuda": "loraprune.ops.cuda:lora_importance",
     "triton": "loraprune.kernels.lora_importance:lora_importance",
@@ -86,5 +88,11 @@ def lora_importance(
         backend: force ``"torch"``, ``"triton"`` or ``"cuda"`` (default: automatic, see ``loraprune.ops``).
     """
     validate(weight, lora_a, lora_b, grad_a, grad_b, scaling)
-    _, impl = resolve("lora_importance", IMPLEMENTATIONS, weight.device, backend)
+    rank = lora_a.shape[0]
+    unsupported = (
+        {"triton": f"its kernel takes rank <= {TRITON_MAX_RANK}, got {rank}"}
+        if rank > TRITON_MAX_RANK
+        else None
+    )
+    _, impl = resolve("lora_importance", IMPLEMENTATIONS, weight.device, backend, unsupported)
     return impl(weight, lora_a, lora_b, grad_a, grad_b, float(scaling), squared)

@@ -1,0 +1,156 @@
+"""Compile every Triton kernel of the package for a GPU target, on a machine without a GPU.
+
+The interpreter that the CPU tests use is lenient: it runs code the GPU compiler rejects, and it
+has no shared-memory limit. This script drives the real launchers (CPU tensors, so the argument
+specialisation is the launchers' own) through a driver that reports a GPU target and compiles
+each launch, every autotuning config included, instead of running it. For each kernel it prints
+the shared memory it needs, and it exits 1 when a kernel does not compile or needs more than the
+target's per-block shared memory.
+
+    python tests/triton_compile_only.py [--arch 90] [--quick]
+
+Must run in a fresh interpreter without TRITON_INTERPRET (the test suite starts it as a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET: interpreted kernels are not compiled")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import KernelInterface
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
+MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+class CompileOnlyDriver:
+    """What JITFunction.run asks of the active driver, for a GPU that is not there."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def compile_instead_of_launch(compiled: list) -> None:
+    """``kernel[grid](...)`` compiles (every config of an autotuned kernel) and launches nothing."""
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            kernels = self.warmup(*args, grid=grid, **kwargs)
+            for kernel in kernels if isinstance(kernels, list) else [kernels]:
+                compiled.append((getattr(self, "fn", self).__name__, kernel))
+
+        return launch
+
+    KernelInterface.__getitem__ = getitem
+
+
+def resource_usage(kernel) -> dict[str, int]:
+    """REG (registers per thread) and STACK (bytes per thread: spills and local arrays) of the
+    kernel's cubin, from the cuobjdump that ships with triton."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK):(\d+)", usage)}
+
+
+def meta_parameters(kernel) -> str:
+    """The block sizes the kernel was compiled with and the variant flags that are on."""
+    names = kernel.src.fn.arg_names
+    constants = {names[path[0]]: value for path, value in kernel.src.constants.items() if len(path) == 1}
+    blocks = [f"{name}={value}" for name, value in constants.items() if name.startswith("BLOCK")]
+    flags = [name for name, value in constants.items() if name.isupper() and value is True]
+    return " ".join(blocks + flags)
+
+
+def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tuple[int, int, int]]) -> None:
+    """Call every launcher on shapes and masks that select each kernel variant. Triton specialises
+    on sizes and strides divisible by 16, so (rows, out, in) multiples of 16 give the code that runs
+    on LLaMA shapes, and other sizes the bounds-checked variants."""
+    from loraprune.kernels import lora_importance, masked_lora_linear, score_update
+
+    gen = torch.Generator().manual_seed(0)
+    for (rows, out_features, in_features), dtype, rank in itertools.product(shapes, dtypes, ranks):
+        weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+        factors = [
+            torch.randn(rank, in_features, generator=gen),
+            torch.randn(out_features, rank, generator=gen),
+        ]
+        lora_importance.lora_importance(weight, *factors, *factors, 2.0, False)
+        out_mask = torch.rand(out_features, generator=gen) > 0.5
+        in_mask = torch.rand(in_features, generator=gen) > 0.5
+        for masks, dropout_p in (((None, None), 0.0), ((out_mask, in_mask), 0.1)):
+            x = torch.randn(rows, in_features, generator=gen).to(dtype).requires_grad_()
+            lora_a, lora_b = (f.clone().requires_grad_() for f in factors)
+            y = masked_lora_linear.masked_lora_linear(
+                x, weight, None, lora_a, lora_b, 2.0, *masks, dropout_p, training=dropout_p > 0
+            )
+            y.backward(torch.ones_like(y))
+    for widths in ((128, 128, 128, 128), (1, 1, 1)):
+        num_units = 32
+        parts = [torch.rand(num_units * width, generator=gen) for width in widths]
+        counters = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        score_update.score_update(torch.zeros(num_units), parts, 0.9, *counters)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED))
+    parser.add_argument(
+        "--quick", action="store_true", help="bfloat16, rank 64 (the largest tiles), aligned shapes only"
+    )
+    args = parser.parse_args(argv)
+
+    compiled: list = []
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
+    compile_instead_of_launch(compiled)
+    dtypes = [torch.bfloat16] if args.quick else [torch.float16, torch.bfloat16, torch.float32]
+    ranks = [64] if args.quick else [1, 8, 16, 32, 64, 128]
+    shapes = [(64, 320, 256)] if args.quick else [(64, 320, 256), (37, 200, 136)]
+    drive_launchers(dtypes, ranks, shapes)
+
+    limit = MAX_SHARED[args.arch]
+    failures = 0
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(compiled)} kernels compiled")
+    for name, kernel in compiled:
+        over = kernel.metadata.shared > limit
+        failures += over
+        usage = resource_usage(kernel)
+        print(f"{'OVER' if over else 'ok  '} {name} {meta_parameters(kernel)} warps={kernel.metadata.num_warps} "
+              f"stages={kernel.metadata.num_stages}: shared {kernel.metadata.shared} B, "
+              f"{usage['REG']} registers, stack {usage['STACK']} B")  # fmt: skip
+    if failures:
+        print(f"{failures} kernels need more than the {limit} B of shared memory of sm_{args.arch}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
