@@ -49,6 +49,15 @@ def num_programs_target(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
+def target_major(device: torch.device) -> int:
+    """The major compute capability Triton compiles for on ``device``: its target's (the GPU's, or
+    the compile-only target of ``tests/triton_compile_only.py``); 9 for the interpreter."""
+    if triton_interpreter():
+        return 9
+    with device_guard(device):
+        return triton.runtime.driver.active.get_current_target().arch // 10
+
+
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from loraprune.kernels._utils import device_guard, dot_precision, num_programs_target, padded_rank
+from loraprune.kernels._utils import (
+    device_guard,
+    dot_precision,
+    num_programs_target,
+    padded_rank,
+    target_major,
+)
 from loraprune.ops.lora_importance import TRITON_MAX_RANK
 
 
@@ -73,20 +79,26 @@ def _lora_importance_kernel(
     tl.store(row_part_ptr + pid_split * N + offs_n, row_acc, mask=row_ok)
 
 
-def _block_config(block_r: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the B-side factor tiles stay resident and the
-    A-side tiles are as tall as the rank, so higher ranks take shorter row blocks. Each is the
-    largest tile that ptxas compiles without local memory (spills) for both sm_80 and sm_90, as
-    ``python tests/triton_compile_only.py --arch 80|90`` reports."""
+def _block_config(block_r: int, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for a rank block on a GPU of compute capability ``arch``.x.
+
+    The B-side factor tiles stay resident and the A-side tiles are as tall as the rank, so higher
+    ranks take shorter row blocks. On sm_8x the sm_90 tiles for ranks above 16 make ptxas put up to
+    11 KB per thread in local memory, hence shorter row blocks there. ``python
+    tests/triton_compile_only.py --arch 80|90`` reports no spills up to rank 64 on either; rank 128
+    still spills on sm_90 (0.8 KB; the spill-free alternatives re-read the A side more, unmeasured).
+    """
+    if block_r > TRITON_MAX_RANK:
+        raise ValueError(
+            f"the Triton importance kernel takes rank <= {TRITON_MAX_RANK}, got a rank block of {block_r}"
+        )
+    if arch >= 9:
+        if block_r <= 32:
+            return 64, 64, 4, 3
+        return (64, 64, 8, 2) if block_r <= 64 else (32, 64, 8, 2)
     if block_r <= 16:
-        return 64, 64, 8, 3
-    if block_r <= 64:
-        return 32, 64, 8, 3
-    if block_r <= TRITON_MAX_RANK:
-        return 16, 32, 8, 3
-    raise ValueError(
-        f"the Triton importance kernel takes rank <= {TRITON_MAX_RANK}, got a rank block of {block_r}"
-    )
+        return 64, 64, 4, 3
+    return (16, 64, 8, 3) if block_r <= 64 else (16, 32, 8, 3)
 
 
 def lora_importance(
@@ -105,7 +117,7 @@ def lora_importance(
     num_rows, num_cols = weight.shape
     rank = lora_a.shape[0]
     block_r = padded_rank(rank)
-    block_n, block_k, num_warps, num_stages = _block_config(block_r)
+    block_n, block_k, num_warps, num_stages = _block_config(block_r, target_major(weight.device))
     row_blocks = triton.cdiv(num_rows, block_n)
     col_tiles = triton.cdiv(num_cols, block_k)
     tiles_per_split = triton.cdiv(col_tiles, triton.cdiv(num_programs_target(weight.device), row_blocks))
