@@ -4,8 +4,8 @@ The interpreter that the CPU tests use is lenient: it runs code the GPU compiler
 has no shared-memory limit. This script drives the real launchers (CPU tensors, so the argument
 specialisation is the launchers' own) through a driver that reports a GPU target and compiles
 each launch, every autotuning config included, instead of running it. For each kernel it prints
-the shared memory it needs, and it exits 1 when a kernel does not compile or needs more than the
-target's per-block shared memory.
+the shared memory, registers and stack (spills) it needs, and it exits 1 when a kernel does not
+compile or needs more than the target's per-block shared memory.
 
     python tests/triton_compile_only.py [--arch 90] [--quick]
 
