@@ -10,6 +10,7 @@ from loraprune.ops.compact_linear import compact_linear
 from loraprune.ops.lora_importance import lora_importance
 from loraprune.ops.masked_lora_linear import masked_lora_linear
 from loraprune.ops.score_update import score_update
+from loraprune.ops.taylor_importance import taylor_importance
 
 __all__ = [
     "BACKENDS",
@@ -19,4 +20,5 @@ __all__ = [
     "lora_importance",
     "masked_lora_linear",
     "score_update",
+    "taylor_importance",
 ]
