@@ -29,6 +29,10 @@ def _score_update_kernel(
     num_units, decay, one_minus_decay,
     SLOTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
+    # Read before anything else: thread 0 stores count + finite at the end, and parts of width 1
+    # leave no barrier between a later load and that store, so a lagging warp could see the new
+    # count and blend the first update instead of taking it.
+    count = tl.load(num_updates_ptr)
     # Pass 1: the norms (kept in a small register vector, one slot per part) and a NaN/Inf count.
     slots = tl.arange(0, SLOTS)
     norms = tl.zeros((SLOTS,), dtype=tl.float32)
@@ -45,7 +49,6 @@ def _score_update_kernel(
         norm = tl.maximum(tl.sqrt_rn(tl.sum(squares, axis=0)), FLOAT32_TINY)
         norms = tl.where(slots == i, norm, norms)
     finite = (tl.sum(bad, axis=0) == 0).to(tl.int32)
-    count = tl.load(num_updates_ptr)
 
     # Pass 2 (skipped with the step): now = Σ fold(p / ‖p‖), then the moving average.
     offs_u = tl.arange(0, BLOCK_U)
