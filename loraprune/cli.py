@@ -449,10 +449,21 @@ def cmd_info(args: argparse.Namespace) -> int:
             }
         )
     total = sum(p.numel() for p in model.parameters())
+    from loraprune.ops._dispatch import backend_report
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    backends = backend_report(device)  # why a backend would be passed over on this machine
     if args.json:
         print(
             json.dumps(
-                {"model": str(path), "model_type": config.model_type, "parameters": total, "layers": rows}
+                {
+                    "model": str(path),
+                    "model_type": config.model_type,
+                    "parameters": total,
+                    "layers": rows,
+                    "backends": {"device": str(device), **backends},
+                }
             )
         )
         return 0
@@ -462,6 +473,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(
             f"{row['layer']:>5} {row['heads']:>6} {row['kv_heads']:>4} {row['channels']:>9} {row['parameters']:>12,}"
         )
+    for name, status in backends.items():
+        print(f"backend {name} on {device}: {status}")
     return 0
 
 

@@ -59,8 +59,95 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return f"the CUDA extension loraprune._C is not built ({error}); {CUDA_BUILD_HINT}"
         if device.type != "cuda":
             return f"the CUDA extension needs CUDA tensors (got {device})"
-        return None
+        return _cuda_device_reason(device)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# The extension's kernels use bf16/TF32 mma.sync and cp.async: compute capability 8.0 or later.
+CUDA_MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def cuda_extension_build() -> tuple[list[str], int]:
+    """The SM architectures ``loraprune._C`` was built for (``LORAPRUNE_CUDA_ARCHS``) and the
+    version of the CUDA runtime it links statically (1000·major + 10·minor)."""
+    ext = importlib.import_module("loraprune._C")
+    return [a for a in ext.CUDA_ARCHITECTURES.split(";") if a], int(ext.CUDA_RUNTIME_VERSION)
+
+
+@functools.cache
+def cuda_driver_version() -> int | None:
+    """The CUDA version the installed driver supports (``cuDriverGetVersion``), ``None`` without one."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        return version.value if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+    except OSError:
+        return None
+
+
+def archs_run_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code built for ``archs`` runs on a GPU of ``capability``: a cubin for sm_XY (or the
+    family-specific XYf) runs on X.Y and later minors of X, an arch-specific XYa on X.Y only, and
+    the PTX setup.py embeds for the newest plain arch is JIT-compiled on any later GPU."""
+    major, minor = capability
+    device_sm = 10 * major + minor
+    plain = [int(a) for a in archs if a.isdigit()]
+    if plain and device_sm >= max(plain):
+        return True
+    for arch in archs:
+        sm = int(arch.rstrip("af"))
+        if arch.endswith("a") and sm == device_sm:
+            return True
+        if not arch.endswith("a") and sm // 10 == major and sm <= device_sm:
+            return True
+    return False
+
+
+def _version_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def _cuda_device_reason(device: torch.device) -> str | None:
+    """Why the built extension cannot run on this CUDA device (``None`` when it can)."""
+    capability = torch.cuda.get_device_capability(device)
+    archs, runtime = cuda_extension_build()
+    if capability < CUDA_MIN_CAPABILITY:
+        return (
+            f"its kernels need compute capability >= {CUDA_MIN_CAPABILITY[0]}.{CUDA_MIN_CAPABILITY[1]}, "
+            f"{device} is {capability[0]}.{capability[1]}"
+        )
+    if not archs_run_on(archs, capability):
+        return (
+            f"it was built for sm_{';'.join(archs)}, which cannot run on {device} "
+            f"(sm_{capability[0]}{capability[1]}); rebuild with LORAPRUNE_CUDA_ARCHS including "
+            f"{capability[0]}{capability[1]}: {CUDA_BUILD_HINT}"
+        )
+    driver = cuda_driver_version()
+    # Minor-version compatibility: a driver for CUDA X.y runs any X.z runtime.
+    if driver is not None and driver // 1000 < runtime // 1000:
+        return (
+            f"its static CUDA runtime {_version_text(runtime)} needs a driver for CUDA >= "
+            f"{runtime // 1000}.0, this driver supports CUDA {_version_text(driver)}"
+        )
+    return None
+
+
+def backend_report(device: torch.device) -> dict[str, str]:
+    """Per backend, ``"available"`` or why it cannot run on ``device``; the ``cuda`` entry also
+    names the architectures and CUDA runtime of the build and the driver it needs."""
+    report = {name: backend_unavailable_reason(name, device) or "available" for name in BACKENDS}
+    if _import_error("loraprune._C") is None:
+        archs, runtime = cuda_extension_build()
+        driver = cuda_driver_version()
+        report["cuda"] += (
+            f" (built for sm_{';'.join(archs)}, static CUDA runtime {_version_text(runtime)}: needs a "
+            f"driver for CUDA >= {runtime // 1000}.0; driver here: "
+            f"{'none' if driver is None else 'CUDA ' + _version_text(driver)})"
+        )
+    return report
 
 
 def requested_backend(backend: str | None) -> str | None:
