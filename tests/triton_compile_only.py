@@ -95,7 +95,7 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
     """Call every launcher on shapes and masks that select each kernel variant. Triton specialises
     on sizes and strides divisible by 16, so (rows, out, in) multiples of 16 give the code that runs
     on LLaMA shapes, and other sizes the bounds-checked variants."""
-    from loraprune.kernels import lora_importance, masked_lora_linear, score_update
+    from loraprune.kernels import lora_importance, masked_lora_linear, score_update, taylor_importance
 
     gen = torch.Generator().manual_seed(0)
     for (rows, out_features, in_features), dtype, rank in itertools.product(shapes, dtypes, ranks):
@@ -105,6 +105,11 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
             torch.randn(out_features, rank, generator=gen),
         ]
         lora_importance.lora_importance(weight, *factors, *factors, 2.0, False)
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        grad_y = torch.randn(rows, out_features, generator=gen).to(dtype)
+        taylor_importance.taylor_importance(x, grad_y, weight, *factors, 2.0, False)
+        if rank == ranks[0]:  # without LoRA
+            taylor_importance.taylor_importance(x, grad_y, weight, None, None, 0.0, False)
         out_mask = torch.rand(out_features, generator=gen) > 0.5
         in_mask = torch.rand(in_features, generator=gen) > 0.5
         for masks, dropout_p in (((None, None), 0.0), ((out_mask, in_mask), 0.1)):

@@ -1,0 +1,201 @@
+"""Fused first-order Taylor importance: row and column sums of ``|(dYᵀX) ⊙ (W + s·B·A)|`` (or its square).
+
+One GEMM over the tokens with the importance as its epilogue. A program owns a ``BLOCK_N×BLOCK_K``
+tile of the out×in gradient ``dYᵀX``, accumulates it in fp32 with ``tl.dot`` over all M tokens
+(K of the GEMM is M), then loads the same tile of ``W``, adds ``s·B·A`` from the rank-r factors as r rank-1 updates
+in fp32 (any rank; exact like the reference, and light on registers: ``tl.dot`` there needed a
+second MMA accumulator and took ptxas from 186 to 245 registers on sm_90), multiplies, takes
+``|·|`` or the square and reduces the tile to its row and column sums. No out×in temporary
+exists; ``dYᵀX`` cannot be split over tokens because ``|·|`` does not distribute over the sum.
+
+Reduction scheme (deterministic, no atomics): per-tile partials with plain stores, summed by two
+small ``torch.sum`` calls. The partial buffers must not depend on the tile size the autotuner
+picks (they are allocated before it picks), so they have one slot per ``PARTIAL_BLOCK`` rows or
+columns: a tile ``ratio = BLOCK/PARTIAL_BLOCK`` slots wide writes its sum to the first slot it
+covers and zeros to the others, so that every slot is written exactly once by one program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraprune.kernels._utils import device_guard, dot_precision, m_bucket, tuning_configs
+
+# Granularity of the partial sums; every tile size below is a multiple of it.
+PARTIAL_BLOCK = 64
+# Bytes of the software-pipelined dY and X tiles a config may ask for: sm_80 has 163 KB of shared
+# memory per block, and the epilogue's W and factor tiles need some too. Configs above it (fp32
+# operands with the larger tiles) are pruned before tuning.
+PIPELINE_SHARED_BYTES = 128 * 1024
+
+
+def _config(block_n: int, block_k: int, block_m: int, num_warps: int, num_stages: int) -> triton.Config:
+    meta = {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": block_m, "GROUP_N": 8}
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def _pipeline_bytes(config: triton.Config, itemsize: int) -> int:
+    meta = config.kwargs
+    return config.num_stages * meta["BLOCK_M"] * (meta["BLOCK_N"] + meta["BLOCK_K"]) * itemsize
+
+
+def _fits_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop the configs whose pipelined operand tiles exceed ``PIPELINE_SHARED_BYTES`` for this
+    operand dtype (float32 when the kernel upcasts); keep the smallest if none fits."""
+    itemsize = 4 if kwargs.get("UPCAST") else named_args["x_ptr"].element_size()
+    fitting = [c for c in configs if _pipeline_bytes(c, itemsize) <= PIPELINE_SHARED_BYTES]
+    return fitting or [min(configs, key=lambda c: _pipeline_bytes(c, itemsize))]
+
+
+@triton.autotune(
+    configs=tuning_configs(
+        [
+            _config(128, 128, 64, num_warps=8, num_stages=3),
+            _config(128, 128, 32, num_warps=8, num_stages=4),
+            _config(128, 64, 64, num_warps=4, num_stages=4),
+            _config(64, 128, 64, num_warps=4, num_stages=4),
+            _config(64, 64, 64, num_warps=4, num_stages=4),  # small matrices: more programs
+        ],
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 16, "GROUP_N": 2}),
+    ),
+    # The dtypes of the tensor arguments join the key automatically; R = 0 means no LoRA.
+    key=["m_bucket", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": _fits_shared_memory},
+)
+@triton.jit
+def _taylor_importance_kernel(
+    x_ptr, dy_ptr, w_ptr, a_ptr, b_ptr, row_part_ptr, col_part_ptr,
+    M, N, K, R, m_bucket, scaling,
+    stride_xm, stride_xk, stride_dym, stride_dyn, stride_wn, stride_wk,
+    stride_ar, stride_ak, stride_bn, stride_br,
+    HAS_LORA: tl.constexpr, SQUARED: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+):  # fmt: skip
+    # Grouped program order: GROUP_N row blocks sweep the column blocks together, so that the
+    # dY and X column panels they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pids_per_group = GROUP_N * num_pid_k
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % pids_per_group) % group_size_n
+    pid_k = (pid % pids_per_group) // group_size_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    tokens = offs_m.to(tl.int64)
+    dy_ptrs = dy_ptr + offs_n[:, None] * stride_dyn + tokens[None, :] * stride_dym  # dYᵀ tile
+    x_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
+
+    # dYᵀX over all tokens; rows/columns outside W load zeros, so their importance is exactly 0.
+    grad = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        m_ok = (m0 + offs_m) < M
+        dy = tl.load(dy_ptrs, mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # X and dY of different dtypes: both to float32, as the reference computes
+            dy = dy.to(tl.float32)
+            x = x.to(tl.float32)
+        grad = tl.dot(dy, x, grad, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_M * stride_dym
+        x_ptrs += BLOCK_M * stride_xm
+
+    # W' = W + s·B·A, the LoRA product accumulated onto the W tile a rank chunk at a time.
+    rows = offs_n.to(tl.int64)
+    merged = tl.load(
+        w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+        mask=n_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_LORA:
+        # Rank-1 updates in fp32 FMAs (see the module docstring for why not tl.dot).
+        b_ptrs = b_ptr + rows * stride_bn
+        a_ptrs = a_ptr + offs_k * stride_ak
+        for _ in range(0, R):
+            b = tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32) * scaling
+            a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            merged += b[:, None] * a[None, :]
+            b_ptrs += stride_br
+            a_ptrs += stride_ar
+    element = grad * merged
+    element = element * element if SQUARED else tl.abs(element)
+
+    # Row sums into slot pid_k·SLOTS_K of the row partials (zeros into the other slots of the
+    # tile), column sums likewise along N.
+    SLOTS_K: tl.constexpr = BLOCK_K // PARTIAL
+    SLOTS_N: tl.constexpr = BLOCK_N // PARTIAL
+    slot_k = tl.arange(0, SLOTS_K)
+    slots_k = pid_k * SLOTS_K + slot_k
+    row_values = tl.where(slot_k[None, :] == 0, tl.sum(element, axis=1)[:, None], 0.0)
+    tl.store(
+        row_part_ptr + slots_k.to(tl.int64)[None, :] * N + offs_n[:, None],
+        row_values,
+        mask=n_ok[:, None] & (slots_k < tl.cdiv(K, PARTIAL))[None, :],
+    )
+    slot_n = tl.arange(0, SLOTS_N)
+    slots_n = pid_n * SLOTS_N + slot_n
+    col_values = tl.where(slot_n[:, None] == 0, tl.sum(element, axis=0)[None, :], 0.0)
+    tl.store(
+        col_part_ptr + slots_n.to(tl.int64)[:, None] * K + offs_k[None, :],
+        col_values,
+        mask=(slots_n < tl.cdiv(N, PARTIAL))[:, None] & k_ok[None, :],
+    )
+
+
+def taylor_importance(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    squared: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row sums (out,) and column sums (in,) of ``|(dYᵀX) ⊙ (W + s·B·A)|``, float32.
+
+    Arguments as :func:`loraprune.ops.taylor_importance` (validated there); any strides. With no
+    tokens the gradient is zero and so are both sums (nothing is launched).
+    """
+    tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    device = weight.device
+    if tokens == 0 or out_features == 0 or in_features == 0:
+        return (
+            torch.zeros(out_features, device=device, dtype=torch.float32),
+            torch.zeros(in_features, device=device, dtype=torch.float32),
+        )
+    has_lora = lora_a is not None
+    rank = lora_a.shape[0] if has_lora else 0
+    upcast = x.dtype != grad_y.dtype
+    compute_dtype = torch.float32 if upcast else x.dtype
+    row_part = torch.empty(
+        (triton.cdiv(in_features, PARTIAL_BLOCK), out_features), device=device, dtype=torch.float32
+    )
+    col_part = torch.empty(
+        (triton.cdiv(out_features, PARTIAL_BLOCK), in_features), device=device, dtype=torch.float32
+    )
+    # Without LoRA the factor pointers are never read: W stands in for them.
+    a, b = (lora_a, lora_b) if has_lora else (weight, weight.t())
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(in_features, meta["BLOCK_K"]),)
+
+    with device_guard(device):
+        _taylor_importance_kernel[grid](
+            x, grad_y, weight, a, b, row_part, col_part,
+            tokens, out_features, in_features, rank, m_bucket(tokens), scaling,
+            x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            HAS_LORA=has_lora, SQUARED=squared, UPCAST=upcast,
+            DOT_PRECISION=dot_precision(compute_dtype),
+            PARTIAL=PARTIAL_BLOCK,
+        )  # fmt: skip
+    return row_part.sum(dim=0), col_part.sum(dim=0)
