@@ -110,6 +110,9 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, Q, dropout_p, BLOCK_M: tl.constexpr,
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * Q + offs_q[None, :], keep.to(tl.int8), mask=inside)
 
 
+# Autotune keys hold every argument that changes the best config: sizes, mask/dropout flags and
+# KIND, which product of the layer a launch computes ("h"/"g": H and G; "forward"/"dx": the GEMMs;
+# "da"/"db"), since one kernel serves two products with different operand layouts.
 @triton.autotune(
     configs=tuning_configs(
         [
@@ -120,7 +123,7 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, Q, dropout_p, BLOCK_M: tl.constexpr,
         ],
         triton.Config({"BLOCK_M": 32, "BLOCK_Q": 32}),
     ),
-    key=["m_bucket", "Q", "R", "COMPACT"],
+    key=["m_bucket", "Q", "R", "HAS_MASK", "COMPACT", "LORA_DROPOUT", "DOT_PRECISION", "KIND"],
 )
 @triton.jit
 def _lora_down_kernel(
@@ -128,7 +131,7 @@ def _lora_down_kernel(
     M, Q, R, m_bucket, dropout_p, keep_scale,
     stride_lm, stride_lq, stride_fr, stride_fq, stride_om, stride_or, stride_km, stride_kq,
     HAS_MASK: tl.constexpr, COMPACT: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
     """``out[M, R] = (L ⊙ mask ⊙ drop) · Fᵀ`` for ``L`` (M×Q) and ``F`` (R×Q): the skinny LoRA
     down-projection ``H = drop(X⊙m_in) Aᵀ`` and, in the backward, ``G = (dY⊙m_out) B``. With
@@ -209,7 +212,20 @@ def _gemm_config(block_m: int, block_p: int, block_q: int, num_warps: int, num_s
         ],
         triton.Config({"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 4}),
     ),
-    key=["m_bucket", "P", "Q", "R", "Q_GATHER", "P_GATHER"],
+    key=[
+        "m_bucket",
+        "P",
+        "Q",
+        "R",
+        "HAS_BIAS",
+        "HAS_QMASK",
+        "Q_GATHER",
+        "HAS_PMASK",
+        "P_GATHER",
+        "LORA_DROPOUT",
+        "DOT_PRECISION",
+        "KIND",
+    ],
 )
 @triton.jit
 def _masked_lora_gemm_kernel(
@@ -220,7 +236,7 @@ def _masked_lora_gemm_kernel(
     stride_om, stride_op,
     HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr,
     HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KIND: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, P] = ((L⊙m_q) Rt + s·(H F)⊙drop + bias) ⊙ m_p`` for ``L`` (M×Q), ``Rt`` (Q×P),
@@ -334,7 +350,7 @@ def _masked_lora_gemm_kernel(
         ],
         triton.Config({"BLOCK_P": 32, "BLOCK_M": 32}),
     ),
-    key=["m_bucket", "P", "R", "GATHER"],
+    key=["m_bucket", "P", "R", "HAS_MASK", "GATHER", "LORA_DROPOUT", "DOT_PRECISION", "KIND"],
 )
 @triton.jit
 def _lora_grad_kernel(
@@ -342,7 +358,7 @@ def _lora_grad_kernel(
     M, P, R, m_bucket, scaling, dropout_p, keep_scale,
     stride_lm, stride_lp, stride_hm, stride_hr, stride_op, stride_or,
     HAS_MASK: tl.constexpr, GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """``out[P, R] = s · (L ⊙ mask ⊙ drop)ᵀ · H``, reducing over the M tokens, for ``L`` (M×P) and
     ``H`` (M×r): ``dB = s·(dY⊙m_out)ᵀ H`` (``GATHER``: L is the compact D, its columns in the
@@ -438,6 +454,7 @@ def _lora_down(
     mask: torch.Tensor | None,
     seed: torch.Tensor | None,
     dropout_p: float,
+    kind: str,
     compact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lhs ⊙ mask ⊙ drop) · Fᵀ`` (M×r) in ``lhs.dtype``, for ``lhs`` (M×Q) and ``f`` (r×Q, any
@@ -458,7 +475,7 @@ def _lora_down(
         lhs.stride(0), lhs.stride(1), f.stride(0), f.stride(1), out.stride(0), out.stride(1),
         lhs_kept.stride(0), lhs_kept.stride(1),
         HAS_MASK=mask is not None, COMPACT=compact,
-        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), BLOCK_R=block_r,
+        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind, BLOCK_R=block_r,
     )  # fmt: skip
     return out, lhs_kept
 
@@ -471,6 +488,7 @@ def _lora_grad(
     mask: AxisMask,
     seed: torch.Tensor | None,
     dropout_p: float,
+    kind: str,
 ) -> None:
     """Write ``s · (lhs ⊙ mask ⊙ drop)ᵀ · hidden`` into ``out`` (P×r, any strides: a transposed view
     writes the transpose); with a gathered mask ``lhs`` comes in kept-first order (from
@@ -487,7 +505,7 @@ def _lora_grad(
         num_rows, num_cols, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), hidden.stride(0), hidden.stride(1), out.stride(0), out.stride(1),
         HAS_MASK=isinstance(mask, torch.Tensor), GATHER=isinstance(mask, KeptFirst),
-        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), BLOCK_R=block_r,
+        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind, BLOCK_R=block_r,
     )  # fmt: skip
 
 
@@ -502,6 +520,7 @@ def _masked_gemm(
     p_mask: AxisMask,
     seed: torch.Tensor | None,
     dropout_p: float,
+    kind: str,
 ) -> torch.Tensor:
     """``((lhs⊙q_mask) Rt + s·(hidden F)⊙drop + bias) ⊙ p_mask`` (M×P) in ``lhs.dtype``, for ``lhs``
     (M×Q), ``rt`` (Q×P), ``hidden`` (M×r) and ``f`` (r×P); ``rt`` and ``f`` may be transposed views.
@@ -522,10 +541,15 @@ def _masked_gemm(
         HAS_BIAS=bias is not None,
         HAS_QMASK=isinstance(q_mask, torch.Tensor), Q_GATHER=isinstance(q_mask, KeptFirst),
         HAS_PMASK=isinstance(p_mask, torch.Tensor), P_GATHER=isinstance(p_mask, KeptFirst),
-        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype),
+        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind,
         BLOCK_R=padded_rank(rank, MAX_RANK_BLOCK),
     )  # fmt: skip
     return out
+
+
+def _contiguous(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read masks as contiguous bytes: a strided or expanded mask is copied."""
+    return None if mask is None else mask.contiguous()
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -551,11 +575,16 @@ def masked_lora_linear_op(
     Returns ``Y`` and the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses.
     """
     x = _rows_contiguous(x)
+    out_mask, in_mask = _contiguous(out_mask), _contiguous(in_mask)
+    if x.shape[0] == 0:  # no launch: autotuning an empty grid would keep its pick for M <= 16
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_a.shape[0]))
     with device_guard(x.device):
         out_kept = None if out_mask is None else kept_first(out_mask)
-        hidden, _ = _lora_down(x, lora_a, in_mask, seed, dropout_p)
+        hidden, _ = _lora_down(x, lora_a, in_mask, seed, dropout_p, "h")
         # Transposed views (no copies) give the GEMM its (Q×P) and (r×P) operands.
-        y = _masked_gemm(x, weight.t(), hidden, lora_b.t(), scaling, bias, in_mask, out_kept, None, 0.0)
+        y = _masked_gemm(
+            x, weight.t(), hidden, lora_b.t(), scaling, bias, in_mask, out_kept, None, 0.0, "forward"
+        )
     return y, hidden
 
 
@@ -579,23 +608,32 @@ def masked_lora_linear_backward_op(
     """``(dX, dA, dB)``; a gradient not asked for comes back as an empty placeholder."""
     grad_y = _rows_contiguous(grad_y)
     x = _rows_contiguous(x)
-    grad_x = grad_a = grad_b = grad_y.new_empty(0)  # placeholders for the gradients not asked for
+    out_mask, in_mask = _contiguous(out_mask), _contiguous(in_mask)
+    # One placeholder per output: a custom op may not return one tensor as two of its outputs.
+    grad_x, grad_a, grad_b = (grad_y.new_empty(0) for _ in range(3))
+    if grad_y.shape[0] == 0:  # no tokens: no launch (see the forward), zero factor gradients
+        grad_x = x.new_empty(x.shape) if needs_x else grad_x
+        grad_a = torch.zeros_like(lora_a) if needs_a else grad_a
+        grad_b = torch.zeros_like(lora_b) if needs_b else grad_b
+        return grad_x, grad_a, grad_b
     with device_guard(grad_y.device):
         out_kept = None if out_mask is None else kept_first(out_mask)  # recomputed: cheaper than saved
         # G's kernel reads dY anyway: with an output mask it also writes the compact D (grad_d: D's
         # kept columns in kept-first order) that dB and dX read contiguously (module docstring).
         grad_d = grad_y
         if needs_x or needs_a or out_kept is not None:
-            grad_hidden, grad_d = _lora_down(grad_y, lora_b.t(), out_mask, None, 0.0, out_kept is not None)
+            grad_hidden, grad_d = _lora_down(
+                grad_y, lora_b.t(), out_mask, None, 0.0, "g", out_kept is not None
+            )
         if needs_b:
             grad_b = torch.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
-            _lora_grad(grad_d, hidden, grad_b, scaling, out_kept, None, 0.0)
+            _lora_grad(grad_d, hidden, grad_b, scaling, out_kept, None, 0.0, "db")
         if needs_a:
             grad_a = torch.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
-            _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p)
+            _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p, "da")
         if needs_x:
             grad_x = _masked_gemm(
-                grad_d, weight, grad_hidden, lora_a, scaling, None, out_kept, in_mask, seed, dropout_p
+                grad_d, weight, grad_hidden, lora_a, scaling, None, out_kept, in_mask, seed, dropout_p, "dx"
             )
     return grad_x, grad_a, grad_b
 
@@ -712,6 +750,13 @@ def masked_lora_linear(
     the compute dtype in the kernels), ``x`` and ``weight`` are cast to the compute dtype (a
     no-op, never a copy, when they already have it).
     """
+    if torch.is_grad_enabled():
+        for name, frozen in (("weight", weight), ("bias", bias)):
+            if frozen is not None and frozen.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but the Triton kernels compute no {name} gradient (the base "
+                    f"layer is frozen): freeze it ({name}.requires_grad_(False)) or use backend='torch'"
+                )
     dtype = _compute_dtype(x, weight)
     seed = draw_dropout_seed(x.device) if training and dropout_p > 0 else None
     x_2d = x.to(dtype).reshape(-1, x.shape[-1])

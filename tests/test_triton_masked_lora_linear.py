@@ -401,6 +401,145 @@ def test_only_requested_gradients_are_computed():
         assert_close(got, want, torch.float32)
 
 
+def strided_masks(out_features: int, in_features: int) -> dict[str, tuple]:
+    """Masks that are not contiguous, by kind: every other element of a longer mask, and masks
+    expanded from one element (stride 0), all kept and all masked."""
+    g = torch.Generator().manual_seed(5)
+    out_long = (torch.rand(2 * out_features, generator=g) < 0.5).to(DEVICE)
+    in_long = (torch.rand(2 * in_features, generator=g) < 0.5).to(DEVICE)
+
+    def expanded(value: bool, n: int) -> torch.Tensor:
+        return torch.tensor([value], device=DEVICE).expand(n)
+
+    return {
+        "every_other": (out_long[::2], in_long[::2]),
+        "expanded_kept": (expanded(True, out_features), expanded(True, in_features)),
+        "expanded_masked": (expanded(False, out_features), expanded(False, in_features)),
+        "mixed": (out_long[::2], expanded(True, in_features)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["every_other", "expanded_kept", "expanded_masked", "mixed"])
+@pytest.mark.parametrize("entry", ["kernel", "ops_triton", "ops_torch"])
+def test_non_contiguous_masks_act_as_their_contiguous_copies(entry, kind):
+    """Bug: bool masks were read as contiguous bytes, so ``m[::2]`` read the wrong features (an
+    error of 1.8 against the same mask made contiguous) and an expanded mask read out of bounds."""
+    lead, in_features, out_features, rank = (11,), 40, 36, 5
+    layer = make_layer(lead, in_features, out_features, rank)
+    out_mask, in_mask = strided_masks(out_features, in_features)[kind]
+    assert not out_mask.is_contiguous() and out_mask.shape == (out_features,)
+
+    def through(backend):
+        def call(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, training):
+            args = (x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask)
+            return ops.masked_lora_linear(*args, dropout_p=dropout_p, training=training, backend=backend)
+
+        return call
+
+    fn = {"kernel": kernel.masked_lora_linear, "ops_triton": through("triton"), "ops_torch": through("torch")}
+    actual = run(fn[entry], layer, out_mask, in_mask)
+    expected = run(masked_lora_linear_reference, layer, out_mask.contiguous(), in_mask.contiguous())
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+
+
+GRAD_SUBSETS = {  # which of x, lora_a, lora_b require grad
+    "x": (True, False, False),
+    "a": (False, True, False),
+    "b": (False, False, True),
+    "x_a": (True, True, False),
+    "x_b": (True, False, True),
+    "a_b": (False, True, True),
+}
+
+
+@pytest.mark.parametrize("needs", GRAD_SUBSETS.values(), ids=GRAD_SUBSETS.keys())
+def test_backward_with_any_subset_of_inputs_requiring_grad(needs):
+    """Bug: with exactly one of x, A, B requiring grad the custom op returned one empty placeholder
+    as two of its outputs, and torch's aliasing check raised (e.g. A and B frozen and only x
+    requiring grad: input-gradient analysis, or a frozen adapter)."""
+    layer = make_layer((13,), 32, 40, 3)
+    names = ("x", "lora_a", "lora_b")
+    for name, needed in zip(names, needs, strict=True):
+        layer[name].requires_grad_(needed)
+    wanted = tuple(layer[name] for name, needed in zip(names, needs, strict=True) if needed)
+    out_mask, in_mask = make_masks("both_random", 40, 32)
+    args = (
+        layer["weight"],
+        layer["bias"],
+        layer["lora_a"],
+        layer["lora_b"],
+        layer["scaling"],
+        out_mask,
+        in_mask,
+    )
+    y = kernel.masked_lora_linear(layer["x"], *args, 0.0, False)
+    grad_y = torch.randn_like(y)
+    actual = torch.autograd.grad(y, wanted, grad_y)
+    expected = torch.autograd.grad(masked_lora_linear_reference(layer["x"], *args), wanted, grad_y)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+
+
+def autotune_keys_spy(monkeypatch) -> dict[str, list[tuple]]:
+    """Record, per autotuned kernel, the key each launch is tuned under (its ``key`` arguments)."""
+    from triton.runtime.autotuner import Autotuner
+
+    keys: dict[str, list[tuple]] = {}
+    autotuned_run = Autotuner.run
+
+    def spy(self, *args, **kwargs):
+        named = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}
+        keys.setdefault(self.fn.__name__, []).append(tuple(named[k] for k in self.keys))
+        return autotuned_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", spy)
+    return keys
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["plain", "dropout"])
+def test_each_gemm_of_a_square_layer_is_tuned_under_its_own_key(monkeypatch, dropout_p):
+    """Bug: the autotune keys left out the flags that change the best config, so the forward GEMM
+    and dX of a square layer shared one tuned config (and dA and dB, and H and G)."""
+    keys = autotune_keys_spy(monkeypatch)
+    layer = make_layer((20,), 48, 48, 4)
+    run(kernel.masked_lora_linear, layer, None, None, dropout_p, training=dropout_p > 0)
+    launched = {name: len(k) for name, k in keys.items()}
+    distinct = {name: len(set(k)) for name, k in keys.items()}
+    assert distinct == launched, f"launches {launched} share keys: {keys}"
+
+
+def test_no_kernel_is_launched_or_tuned_for_zero_tokens(monkeypatch):
+    """Bug: a first call with M = 0 tuned on an empty grid and kept that config for M <= 16."""
+    keys = autotune_keys_spy(monkeypatch)
+    layer = make_layer((0,), 32, 24, 4)
+    out_mask, in_mask = make_masks("both_random", 24, 32)
+    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask, 0.1, training=True)
+    assert not keys
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.shape == want.shape and not got.any()
+
+
+@pytest.mark.parametrize("entry", ["kernel", "ops_triton"])
+def test_a_bias_that_requires_grad_is_rejected(entry):
+    """The kernels compute no bias gradient: a trainable bias was silently given none."""
+    layer = make_layer((5,), 32, 24, 4)
+    layer["bias"].requires_grad_()
+    args = [layer[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scaling")]
+    with pytest.raises((ValueError, ops.BackendUnavailableError), match="bias"):
+        if entry == "kernel":
+            kernel.masked_lora_linear(*args, None, None, 0.0, False)
+        else:
+            ops.masked_lora_linear(*args, backend="triton")
+    # the automatic choice falls through to the reference, which does compute it
+    y = ops.masked_lora_linear(*args)
+    (grad_bias,) = torch.autograd.grad(y.sum(), layer["bias"])
+    assert torch.equal(grad_bias, torch.full_like(grad_bias, 5.0))
+    with torch.no_grad():  # nothing to differentiate: the kernels may run
+        kernel.masked_lora_linear(*args, None, None, 0.0, False)
+
+
 def test_empty_input():
     layer = make_layer((0,), 32, 24, 4)
     y = kernel.masked_lora_linear(

@@ -108,7 +108,13 @@ def masked_lora_linear(
         backend: force a backend (default: automatic, see ``loraprune.ops``).
     """
     validate(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p)
-    _, impl = resolve("masked_lora_linear", IMPLEMENTATIONS, x.device, backend)
+    trainable = [n for n, t in (("weight", weight), ("bias", bias)) if t is not None and t.requires_grad]
+    unsupported = None
+    if trainable and torch.is_grad_enabled():
+        unsupported = {
+            "triton": f"{' and '.join(trainable)} requires grad; its kernels compute no such gradient"
+        }
+    _, impl = resolve("masked_lora_linear", IMPLEMENTATIONS, x.device, backend, unsupported)
     return impl(
         x, weight, bias, lora_a, lora_b, float(scaling), out_mask, in_mask, float(dropout_p), training
     )
