@@ -1,0 +1,23 @@
+"""Configurations of pruned models: the family's config with a ``pruned_layers`` plan.
+
+Self-contained (imports only transformers): ``save_pretrained`` copies this file verbatim beside
+the weights, with an ``auto_map`` in ``config.json``, so that
+``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works where loraprune is not
+installed. loraprune itself uses these same classes.
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    model_type = "loraprune_llama"
+
+
+class PrunedMistralConfig(MistralConfig):
+    model_type = "loraprune_mistral"
+
+
+class PrunedQwen2Config(Qwen2Config):
+    model_type = "loraprune_qwen2"

@@ -1,0 +1,139 @@
+"""Pruned models: the family's ``*ForCausalLM`` with each layer resized to ``config.pruned_layers``.
+
+The plan lists, per decoder layer, the head, KV-head and channel counts and the kept indices in
+the original model's numbering. Self-contained (imports only torch, transformers and the
+configuration file beside it): ``save_pretrained`` copies this file verbatim beside the weights,
+with an ``auto_map`` in ``config.json``, so that
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works where loraprune is
+not installed. loraprune itself uses these same classes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+from .configuration_loraprune import PrunedLlamaConfig, PrunedMistralConfig, PrunedQwen2Config
+
+PLAN_KEYS = (
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "kept_heads",
+    "kept_kv_heads",
+    "kept_channels",
+)
+
+
+class PrunedModelMixin:
+    """Resizes each decoder layer to ``config.pruned_layers`` right after the family's constructor."""
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        plan = validate_plan(config.pruned_layers, config.num_hidden_layers)
+        for index, entry in enumerate(plan):
+            resize_layer(
+                self,
+                index,
+                entry["num_attention_heads"],
+                entry["num_key_value_heads"],
+                entry["intermediate_size"],
+            )
+
+
+class PrunedLlamaForCausalLM(PrunedModelMixin, LlamaForCausalLM):
+    config_class = PrunedLlamaConfig
+
+
+class PrunedMistralForCausalLM(PrunedModelMixin, MistralForCausalLM):
+    config_class = PrunedMistralConfig
+
+
+class PrunedQwen2ForCausalLM(PrunedModelMixin, Qwen2ForCausalLM):
+    config_class = PrunedQwen2Config
+
+
+def validate_plan(plan: object, num_layers: int) -> list[dict]:
+    if not isinstance(plan, list) or len(plan) != num_layers:
+        raise ValueError(
+            f"config.pruned_layers must list {num_layers} layers, got {type(plan).__name__} "
+            f"of length {len(plan) if isinstance(plan, list) else '-'}"
+        )
+    for index, entry in enumerate(plan):
+        missing = [k for k in PLAN_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"config.pruned_layers[{index}] lacks {missing}")
+        counts = {k: entry[k] for k in PLAN_KEYS[:3]}
+        if any(not isinstance(v, int) or v < 1 for v in counts.values()):
+            raise ValueError(f"config.pruned_layers[{index}]: counts must be positive integers, got {counts}")
+        if entry["num_attention_heads"] % entry["num_key_value_heads"]:
+            raise ValueError(
+                f"config.pruned_layers[{index}]: {entry['num_attention_heads']} heads do not split "
+                f"into {entry['num_key_value_heads']} KV groups"
+            )
+        for key, count in (
+            ("kept_heads", "num_attention_heads"),
+            ("kept_kv_heads", "num_key_value_heads"),
+            ("kept_channels", "intermediate_size"),
+        ):
+            if len(entry[key]) != entry[count]:
+                raise ValueError(
+                    f"config.pruned_layers[{index}]: {key} has {len(entry[key])} entries, "
+                    f"{count} is {entry[count]}"
+                )
+    return plan
+
+
+def set_attention_heads(attention: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+    """Keep an attention module's head bookkeeping consistent with resized projections."""
+    attention.num_key_value_groups = num_heads // num_kv_heads
+    # transformers 4.x reads these in forward (Qwen2 reshapes its output to ``hidden_size``)
+    legacy = {
+        "num_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "hidden_size": num_heads * attention.head_dim,
+    }
+    for name, value in legacy.items():
+        if hasattr(attention, name):
+            setattr(attention, name, value)
+
+
+def attention_head_dim(model: nn.Module) -> int:
+    """The attention modules' own head size (some families and versions ignore ``config.head_dim``)."""
+    attention = model.model.layers[0].self_attn
+    if getattr(attention, "head_dim", None):
+        return attention.head_dim
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def resize_layer(
+    model: nn.Module, layer: int, num_heads: int, num_kv_heads: int, intermediate_size: int
+) -> None:
+    """Replace a layer's projections by uninitialised ones of the pruned sizes (before loading weights)."""
+    dim = attention_head_dim(model)
+    decoder_layer = model.model.layers[layer]
+    attention, mlp = decoder_layer.self_attn, decoder_layer.mlp
+    widths = (
+        (attention, "q_proj", "out", num_heads * dim),
+        (attention, "k_proj", "out", num_kv_heads * dim),
+        (attention, "v_proj", "out", num_kv_heads * dim),
+        (attention, "o_proj", "in", num_heads * dim),
+        (mlp, "gate_proj", "out", intermediate_size),
+        (mlp, "up_proj", "out", intermediate_size),
+        (mlp, "down_proj", "in", intermediate_size),
+    )
+    for parent, name, axis, width in widths:
+        old = getattr(parent, name)
+        in_features = width if axis == "in" else old.in_features
+        out_features = width if axis == "out" else old.out_features
+        if (in_features, out_features) != (old.in_features, old.out_features):
+            new = nn.Linear(
+                in_features,
+                out_features,
+                bias=old.bias is not None,
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
+            setattr(parent, name, new)
+    set_attention_heads(attention, num_heads, num_kv_heads)
