@@ -14,6 +14,13 @@ model keeps them (``LoraPruneLinear`` and PEFT both hold adapters in float32).
   fwd+bwd with the input gradient only), ``peft`` (PEFT's unfused ``X·Wᵀ + s·(X·Aᵀ)·Bᵀ``, mask
   multiplied after, as the official code does), ``compiled`` (``torch.compile`` of that),
   ``triton`` and ``cuda`` (when loraprune has such an implementation).
+- ``taylor_importance``: row and column sums of LLM-Pruner's ``|∂L/∂W ⊙ (W + s·B·A)|`` from a
+  projection's input X and output gradient dY over M tokens. Providers: ``materialised`` (what
+  autograd and LLM-Pruner do: the out×in weight gradient ``dYᵀX`` in the activation dtype, then the
+  product and the reductions), ``dense`` (the weight-gradient GEMM ``dYᵀX`` alone: speed of light),
+  ``torch`` (loraprune's reference, chunked over row blocks), ``triton`` and ``cuda`` (the fused
+  kernels: the GEMM with the reduction as its epilogue). On the GPU each provider also gets a
+  ``taylor_importance_memory`` row: its peak temporary memory.
 
 A provider whose backend cannot run is recorded as ``missing`` with the reason; an output that
 disagrees with the float32 reference is recorded as ``wrong`` and not timed.
@@ -49,6 +56,7 @@ from loraprune.ops import backend_unavailable_reason
 # functions under the modules' names, so they are fetched by module path
 lora_importance_module = importlib.import_module("loraprune.ops.lora_importance")
 masked_lora_linear_module = importlib.import_module("loraprune.ops.masked_lora_linear")
+taylor_importance_module = importlib.import_module("loraprune.ops.taylor_importance")
 
 WEIGHT_DTYPE = torch.float16
 LORA_DTYPE = torch.float32
@@ -70,8 +78,11 @@ LLAMA7B_SHAPES = {"qkvo": (4096, 4096), "gate_up": (4096, 11008), "down": (11008
 
 IMPORTANCE_PROVIDERS = ("naive", "compiled", "triton", "cuda")
 LINEAR_PROVIDERS = ("peft", "dense", "compiled", "triton", "cuda")
+TAYLOR_PROVIDERS = ("materialised", "dense", "torch", "triton", "cuda")
 IMPORTANCE_REFERENCE = "naive"
 LINEAR_REFERENCE = "peft"
+TAYLOR_REFERENCE = "materialised"
+GRAD_STD = 1e-3  # output gradients of a language-model loss are small; the kernels do not care
 
 
 @dataclass(frozen=True)
@@ -82,9 +93,18 @@ class Grid:
     tokens: tuple[int, ...]
     masked_fractions: tuple[float, ...]
     rounds: int
+    taylor_tokens: tuple[int, ...] = (2048,)
 
 
-FULL = Grid((8, 16, 64), (8,), (8, 16, 64), (1, 16, 2048, 8192), (0.0, 0.5), rounds=50)
+FULL = Grid(
+    (8, 16, 64),
+    (8,),
+    (8, 16, 64),
+    (1, 16, 2048, 8192),
+    (0.0, 0.5),
+    rounds=50,
+    taylor_tokens=(512, 2048, 8192),
+)
 QUICK = Grid((8,), (8,), (16,), (2048,), (0.0, 0.5), rounds=20)
 
 
@@ -171,6 +191,42 @@ class LinearCase:
         return nbytes, flops
 
 
+@dataclass(frozen=True)
+class TaylorCase:
+    """Taylor importance of one projection from its input and output gradient over ``tokens`` rows."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    tokens: int
+
+    benchmark = "taylor_importance"
+
+    @property
+    def shape(self) -> str:
+        return f"{self.name} M={self.tokens} {self.out_features}x{self.in_features} r={self.rank}"
+
+    def __str__(self) -> str:
+        return f"{self.benchmark} {self.shape}"
+
+    def bytes_and_flops(self) -> tuple[float, float]:
+        """X, dY, W, A, B read once, both sums written once; the GEMM ``dYᵀX`` and ``B·A``."""
+        m, k, n, r = self.tokens, self.in_features, self.out_features, self.rank
+        act, factor = WEIGHT_DTYPE.itemsize, LORA_DTYPE.itemsize
+        nbytes = (m * k + m * n + n * k) * act + r * (k + n) * factor + (k + n) * 4
+        return nbytes, 2 * m * n * k + 2 * r * n * k
+
+
+def taylor_cases(grid: Grid) -> list[TaylorCase]:
+    return [
+        TaylorCase(name, in_features, out_features, rank, tokens)
+        for name, (in_features, out_features) in LLAMA7B_SHAPES.items()
+        for rank in grid.importance_ranks
+        for tokens in grid.taylor_tokens
+    ]
+
+
 def importance_cases(grid: Grid) -> list[ImportanceCase]:
     cases = [
         ImportanceCase(name, ((in_features, out_features),), rank)
@@ -219,6 +275,19 @@ def importance_inputs(
             )
         )
     return inputs
+
+
+def taylor_inputs(case: TaylorCase, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+    """(X, dY, W, A, B): activations and weight in WEIGHT_DTYPE, factors in LORA_DTYPE, random."""
+    g = torch.Generator(device).manual_seed(seed)
+    m, k, n, r = case.tokens, case.in_features, case.out_features, case.rank
+    return (
+        _randn((m, k), 1.0, WEIGHT_DTYPE, device, g),
+        _randn((m, n), GRAD_STD, WEIGHT_DTYPE, device, g),
+        _randn((n, k), 0.02, WEIGHT_DTYPE, device, g),
+        _randn((r, k), 1 / math.sqrt(k), LORA_DTYPE, device, g),
+        _randn((n, r), 0.01, LORA_DTYPE, device, g),
+    )
 
 
 @dataclass
@@ -272,6 +341,21 @@ def naive_importance(
     return element.sum(dim=1), element.sum(dim=0)
 
 
+def materialised_taylor(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM-Pruner's element criterion as autograd feeds it: the full weight gradient ``dYᵀX`` (out×in,
+    activation dtype), then ``|∂L/∂W ⊙ W'|`` in float32 and its row and column sums."""
+    grad = grad_y.t() @ x
+    element = (grad.float() * (weight.float() + scaling * (lora_b @ lora_a))).abs()
+    return element.sum(dim=1), element.sum(dim=0)
+
+
 def peft_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -309,8 +393,12 @@ def _op_unavailable_reason(module: object, backend: str, device: torch.device) -
 
 
 def unavailable_reason(kind: str, provider: str, device: torch.device) -> str | None:
-    """Why ``provider`` cannot run for cases of ``kind`` (``importance`` or ``linear``) on ``device``."""
-    module = lora_importance_module if kind == "importance" else masked_lora_linear_module
+    """Why ``provider`` cannot run for cases of ``kind`` (``importance``, ``linear`` or ``taylor``) on ``device``."""
+    module = {
+        "importance": lora_importance_module,
+        "linear": masked_lora_linear_module,
+        "taylor": taylor_importance_module,
+    }[kind]
     if provider in ("triton", "cuda"):
         return _op_unavailable_reason(module, provider, device)
     if provider == "compiled" and device.type != "cuda":
@@ -336,6 +424,19 @@ def importance_provider(
         fn = functools.partial(ops.lora_importance, backend=provider)
     else:
         raise ValueError(f"unknown importance provider {provider!r}")
+    return lambda tensors: fn(*tensors, SCALING)
+
+
+def taylor_provider(provider: str) -> Callable[[tuple[torch.Tensor, ...]], object]:
+    """A callable computing (rows, cols) of one projection's (X, dY, W, A, B); ``dense``: ``dYᵀX`` only."""
+    if provider == "dense":
+        return lambda t: t[1].t() @ t[0]
+    if provider == "materialised":
+        fn = materialised_taylor
+    elif provider in ("torch", "triton", "cuda"):
+        fn = functools.partial(ops.taylor_importance, backend=provider)
+    else:
+        raise ValueError(f"unknown taylor provider {provider!r}")
     return lambda tensors: fn(*tensors, SCALING)
 
 
@@ -402,7 +503,11 @@ def rotation_count(set_bytes: int, device: torch.device) -> int:
 
 
 def run_case(
-    benchmark: object, recorder: Recorder, case: ImportanceCase | LinearCase, provider: str, rounds: int
+    benchmark: object,
+    recorder: Recorder,
+    case: ImportanceCase | LinearCase | TaylorCase,
+    provider: str,
+    rounds: int,
 ) -> dict[str, str]:
     """Check, time (through pytest-benchmark's ``benchmark.pedantic``) and record one provider on one case.
 
@@ -410,14 +515,17 @@ def run_case(
     (not timed) or ``ok``. An exception is recorded as ``error`` and raised again.
     """
     device = recorder.device
-    is_importance = isinstance(case, ImportanceCase)
-    kind = "importance" if is_importance else "linear"
+    kind, reference = {
+        ImportanceCase: ("importance", IMPORTANCE_REFERENCE),
+        LinearCase: ("linear", LINEAR_REFERENCE),
+        TaylorCase: ("taylor", TAYLOR_REFERENCE),
+    }[type(case)]
     base = {
         "benchmark": case.benchmark,
         "provider": provider,
         "shape": case.shape,
         "dtype": DTYPE_LABEL,
-        "reference": IMPORTANCE_REFERENCE if is_importance else LINEAR_REFERENCE,
+        "reference": reference,
     }
     reason = unavailable_reason(kind, provider, device)
     if reason:
@@ -432,13 +540,20 @@ def run_case(
 def _measure(
     benchmark: object,
     recorder: Recorder,
-    case: ImportanceCase | LinearCase,
+    case: ImportanceCase | LinearCase | TaylorCase,
     provider: str,
     rounds: int,
     base: dict[str, str],
 ) -> dict[str, str]:
     device = recorder.device
-    if isinstance(case, ImportanceCase):
+    if isinstance(case, TaylorCase):
+        run = taylor_provider(provider)
+        make_inputs = taylor_inputs
+
+        def expected(tensors):
+            return taylor_importance_module.taylor_importance_reference(*tensors, SCALING)
+
+    elif isinstance(case, ImportanceCase):
         fn = importance_provider(provider)
         make_inputs, reference = importance_inputs, importance_reference
 
@@ -488,6 +603,18 @@ def _measure(
             note=note,
         )
     )
+    if isinstance(case, TaylorCase) and device.type == "cuda":
+        recorder.record(
+            Result(
+                **{**base, "benchmark": case.benchmark + "_memory"},
+                value=peak_memory_bytes(lambda: run(first), device) / MIB,
+                unit="MiB",
+                floor=4 * (case.in_features + case.out_features) / MIB,
+                floor_basis="outputs",
+                repetitions=1,
+                note="peak allocated beyond the inputs (torch.cuda.max_memory_allocated delta)",
+            )
+        )
     if isinstance(case, ImportanceCase) and len(case.linears) > 1 and device.type == "cuda":
         output_bytes = sum(4 * (i + o) for i, o in case.linears)
         recorder.record(

@@ -16,12 +16,15 @@ from benchmarks.kernel_cases import (
     IMPORTANCE_PROVIDERS,
     LINEAR_PROVIDERS,
     QUICK,
+    TAYLOR_PROVIDERS,
     Grid,
     ImportanceCase,
     LinearCase,
+    TaylorCase,
     importance_cases,
     linear_cases,
     run_case,
+    taylor_cases,
 )
 
 pytestmark = [
@@ -47,6 +50,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     grid = _grid(metafunc.config)
     if metafunc.function is test_lora_importance:
         pairs = [(c, p) for c in importance_cases(grid) for p in IMPORTANCE_PROVIDERS]
+    elif metafunc.function is test_taylor_importance:
+        pairs = [(c, p) for c in taylor_cases(grid) for p in TAYLOR_PROVIDERS]
     else:
         pairs = [(c, p) for c in linear_cases(grid) for p in LINEAR_PROVIDERS]
     metafunc.parametrize(("case", "provider"), pairs, ids=[f"{_case_id(c)}-{p}" for c, p in pairs])
@@ -67,5 +72,11 @@ def test_lora_importance(
 
 def test_masked_lora_linear(
     benchmark, kernel_recorder: Recorder, case: LinearCase, provider: str, rounds: int
+):
+    _check(run_case(benchmark, kernel_recorder, case, provider, rounds))
+
+
+def test_taylor_importance(
+    benchmark, kernel_recorder: Recorder, case: TaylorCase, provider: str, rounds: int
 ):
     _check(run_case(benchmark, kernel_recorder, case, provider, rounds))

@@ -173,11 +173,13 @@ def test_deterministic():
 
 
 @requires_cuda
-@pytest.mark.parametrize("rank", [0, 8, 64])
-@pytest.mark.parametrize("in_out", [(4096, 11008), (11008, 4096)], ids=["up", "down"])
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "rank"),
+    [(4096, 11008, 0), (11008, 4096, 8), (4096, 11008, 64)],
+    ids=["up_no_lora", "down_r8", "up_r64"],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_llama_shapes_half_precision(dtype, in_out, rank):
-    in_features, out_features = in_out
+def test_llama_shapes_half_precision(dtype, in_features, out_features, rank):
     inputs = make_inputs(2048, out_features, in_features, rank, dtype=dtype, seed=rank)
     for squared in (False, True):
         check(inputs, 2.0, squared, 1e-4)
