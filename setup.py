@@ -32,9 +32,15 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
-CUDA_SOURCES = ["lora_importance.cu", "score_update.cu", "compact_linear.cu", "build_info.cu"]
+CUDA_SOURCES = [
+    "lora_importance.cu",
+    "taylor_importance.cu",
+    "score_update.cu",
+    "compact_linear.cu",
+    "build_info.cu",
+]
 HOST_SOURCES = ["bindings.cpp"]
-HEADERS = ["loraprune_C.h", "cuda_utils.cuh"]
+HEADERS = ["loraprune_C.h", "cuda_utils.cuh", "partial_sums.cuh"]
 DEFAULT_ARCHS = "80;90"
 
 

@@ -26,6 +26,17 @@ void lora_importance(int device, Ptr stream, Ptr weight, int dtype, std::int64_t
                              row_sums, col_sums, workspace, workspace_floats);
 }
 
+void taylor_importance(int device, Ptr stream, Ptr x, Ptr grad_y, int dtype, std::int64_t tokens,
+                       std::int64_t out_features, std::int64_t in_features, std::int64_t x_row_stride,
+                       std::int64_t grad_row_stride, Ptr weight, int weight_dtype, std::int64_t weight_row_stride,
+                       Ptr lora_a, Ptr lora_b, std::int64_t rank, double scaling, bool squared, Ptr row_sums,
+                       Ptr col_sums, Ptr workspace, std::int64_t workspace_floats) {
+  loraprune::taylor_importance({device, stream}, x, grad_y, static_cast<loraprune::DType>(dtype), tokens,
+                               out_features, in_features, x_row_stride, grad_row_stride, weight,
+                               static_cast<loraprune::DType>(weight_dtype), weight_row_stride, lora_a, lora_b, rank,
+                               scaling, squared, row_sums, col_sums, workspace, workspace_floats);
+}
+
 void score_update(int device, Ptr stream, Ptr scores, std::int64_t num_units, const std::vector<Ptr>& parts,
                   const std::vector<std::int64_t>& part_lengths, const std::vector<std::int64_t>& part_strides,
                   const std::vector<int>& part_dtypes, double decay, Ptr num_updates, Ptr num_skipped) {
@@ -60,6 +71,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("out_features"), py::arg("in_features"), py::arg("weight_row_stride"),
         py::arg("lora_a"), py::arg("lora_b"), py::arg("grad_a"), py::arg("grad_b"), py::arg("rank"),
         py::arg("scaling"), py::arg("squared"), py::arg("row_sums"), py::arg("col_sums"), py::arg("workspace"),
+        py::arg("workspace_floats"));
+  m.def("taylor_importance_workspace_floats", &loraprune::taylor_importance_workspace_floats,
+        "Floats of float32 workspace taylor_importance needs.", py::arg("out_features"), py::arg("in_features"));
+  m.def("taylor_importance", &taylor_importance,
+        "Row sums (out,) and column sums (in,) of |(dYᵀX) ⊙ (W + s·B·A)| into row_sums/col_sums (float32).",
+        py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("stream"), py::arg("x"),
+        py::arg("grad_y"), py::arg("dtype"), py::arg("tokens"), py::arg("out_features"), py::arg("in_features"),
+        py::arg("x_row_stride"), py::arg("grad_row_stride"), py::arg("weight"), py::arg("weight_dtype"),
+        py::arg("weight_row_stride"), py::arg("lora_a"), py::arg("lora_b"), py::arg("rank"), py::arg("scaling"),
+        py::arg("squared"), py::arg("row_sums"), py::arg("col_sums"), py::arg("workspace"),
         py::arg("workspace_floats"));
   m.def("score_update", &score_update, "Fold, normalise and average one step's parts into scores, in place.",
         py::call_guard<py::gil_scoped_release>(), py::arg("device"), py::arg("stream"), py::arg("scores"),

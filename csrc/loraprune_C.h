@@ -33,6 +33,21 @@ void lora_importance(const LaunchContext& ctx, std::uintptr_t weight, DType weig
                      std::uintptr_t row_sums, std::uintptr_t col_sums, std::uintptr_t workspace,
                      std::int64_t workspace_floats);
 
+// Floats of scratch taylor_importance needs for its deterministic two-pass row/column reduction.
+std::int64_t taylor_importance_workspace_floats(std::int64_t out_features, std::int64_t in_features);
+
+// row_sums[i] = Σ_j I[i, j], col_sums[j] = Σ_i I[i, j] with I = |(dYᵀX) ⊙ (W + s·B·A)| (or its
+// square). X (tokens × in) and dY (tokens × out) share `dtype` and have unit column stride and row
+// strides x_row_stride / grad_row_stride (elements); W is out×in of weight_dtype with unit column
+// stride; A (rank × in) and B (out × rank) are contiguous float32, unused when rank is 0 (W' = W).
+void taylor_importance(const LaunchContext& ctx, std::uintptr_t x, std::uintptr_t grad_y, DType dtype,
+                       std::int64_t tokens, std::int64_t out_features, std::int64_t in_features,
+                       std::int64_t x_row_stride, std::int64_t grad_row_stride, std::uintptr_t weight,
+                       DType weight_dtype, std::int64_t weight_row_stride, std::uintptr_t lora_a,
+                       std::uintptr_t lora_b, std::int64_t rank, double scaling, bool squared,
+                       std::uintptr_t row_sums, std::uintptr_t col_sums, std::uintptr_t workspace,
+                       std::int64_t workspace_floats);
+
 // One score update (see loraprune/ops/score_update.py): parts are 1-D vectors of any float
 // dtype and stride whose lengths are positive multiples of num_units; the counters are int64.
 void score_update(const LaunchContext& ctx, std::uintptr_t scores, std::int64_t num_units,

@@ -23,6 +23,7 @@ from loraprune.ops import cuda as cuda_ops
 from loraprune.ops.compact_linear import compact_linear_reference
 from loraprune.ops.lora_importance import lora_importance_reference
 from loraprune.ops.score_update import score_update_reference
+from loraprune.ops.taylor_importance import taylor_importance_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,7 +45,14 @@ def test_extension_imports_when_expected():
 
     assert ext.CUDA_RUNTIME_VERSION >= 12000
     assert ext.CUDA_ARCHITECTURES
-    for name in ("lora_importance", "lora_importance_workspace_floats", "score_update", "compact_linear"):
+    for name in (
+        "lora_importance",
+        "lora_importance_workspace_floats",
+        "taylor_importance",
+        "taylor_importance_workspace_floats",
+        "score_update",
+        "compact_linear",
+    ):
         assert callable(getattr(ext, name))
     codes = [ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16]
     assert [cuda_ops.DTYPE_CODES[d] for d in DTYPES] == codes
@@ -358,6 +366,191 @@ def test_lora_importance_beyond_int32_elements(monkeypatch):
     bound_rows, bound_cols = _importance_error_bound(w, a, b, ga, gb, 2.0, False)
     _assert_within(rows, torch.cat(expected_rows), bound_rows, "large row sums", relative_slack=1e-3)
     _assert_within(cols, expected_cols, bound_cols, "large column sums", relative_slack=1e-3)
+
+
+# --- taylor_importance ----------------------------------------------------------------------------
+
+
+def _taylor_inputs(
+    tokens: int,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    dtype: torch.dtype,
+    device,
+    *,
+    weight_dtype: torch.dtype | None = None,
+    grad_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> list:
+    """X, dY (dtype), W (weight_dtype or dtype), A, B (float32; None for rank 0): random, never zero."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, scale, dt):
+        return (torch.randn(shape, generator=g) * scale).to(dt).to(device)
+
+    factors = [None, None]
+    if rank:
+        factors = [
+            rand((rank, in_features), 0.1, torch.float32),
+            rand((out_features, rank), 0.1, torch.float32),
+        ]
+    return [
+        rand((tokens, in_features), 1.0, dtype),
+        rand((tokens, out_features), 1e-2, grad_dtype or dtype),
+        rand((out_features, in_features), 0.05, weight_dtype or dtype),
+        *factors,
+    ]
+
+
+def _check_taylor(inputs, scaling: float, squared: bool, what: str, relative_slack: float = 1e-4):
+    """fp16/bf16 products are exact and float32 goes through 3xTF32, so the kernel differs from the
+    float32 reference by summation order: within relative_slack of each sum, plus 1e-6 of the largest."""
+    rows, cols = ops.taylor_importance(*inputs, scaling, squared=squared, backend="cuda")
+    assert rows.dtype == cols.dtype == torch.float32 and rows.device == inputs[0].device
+    cpu = [None if t is None else t.cpu() for t in inputs]
+    for got, want, name in zip(
+        (rows, cols), taylor_importance_reference(*cpu, scaling, squared), ("row", "column"), strict=True
+    ):
+        floor = torch.full_like(want, 1e-6 * want.abs().max().item(), dtype=torch.float64)
+        _assert_within(got, want, floor, f"{what} {name} sums", relative_slack)
+    return rows, cols
+
+
+def test_taylor_binding_rejects_bad_arguments_before_touching_the_device():
+    ext = _extension_or_skip()
+    assert ext.taylor_importance_workspace_floats(0, 5) == 0
+    assert ext.taylor_importance_workspace_floats(1000, 1376) >= 1000 + 1376
+    common = dict(
+        device=0, stream=0, x=256, grad_y=256, dtype=0, tokens=8, out_features=4, in_features=4,
+        x_row_stride=4, grad_row_stride=4, weight=256, weight_dtype=0, weight_row_stride=4, lora_a=256,
+        lora_b=256, scaling=1.0, squared=False, row_sums=256, col_sums=256, workspace=256,
+        workspace_floats=1 << 20,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="rank"):
+        ext.taylor_importance(**{**common, "rank": -1})
+    with pytest.raises(ValueError, match="tokens"):
+        ext.taylor_importance(**{**common, "rank": 2, "tokens": -1})
+    with pytest.raises(ValueError, match="dtype"):
+        ext.taylor_importance(**{**common, "rank": 2, "dtype": 7})
+    with pytest.raises(ValueError, match="workspace"):
+        ext.taylor_importance(**{**common, "rank": 2, "workspace_floats": 1})
+
+
+def test_taylor_wrapper_without_extension_or_on_cpu_tensors(monkeypatch):
+    inputs = _taylor_inputs(6, 8, 16, 2, torch.float32, "cpu")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        ops.taylor_importance(*inputs, 1.0, backend="cuda")
+    monkeypatch.setitem(sys.modules, "loraprune._C", None)  # makes `import loraprune._C` fail
+    with pytest.raises(BackendUnavailableError, match=r"not available.*pip install"):
+        cuda_ops.taylor_importance(*inputs, 1.0, False)
+
+    def never_called(**kwargs):
+        raise AssertionError("the wrapper launched on CPU tensors")
+
+    fake = types.ModuleType("loraprune._C")
+    fake.taylor_importance = never_called
+    fake.taylor_importance_workspace_floats = lambda out_features, in_features: 0
+    monkeypatch.setitem(sys.modules, "loraprune._C", fake)
+    with pytest.raises(ValueError, match=r"x is on cpu.*CUDA tensors"):
+        cuda_ops.taylor_importance(*inputs, 1.0, False)
+
+
+TAYLOR_SHAPES = [  # (tokens, out, in, rank): tails in every tile direction and in the 32-token chunks
+    (300, 1000, 1376, 7),
+    (1, 64, 128, 1),
+    (77, 257, 1001, 64),
+    (33, 130, 264, 0),
+    (5, 3, 5, 16),
+    (40, 70, 136, 200),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TAYLOR_SHAPES, ids=str)
+@pytest.mark.parametrize("squared", [False, True], ids=["abs", "squared"])
+def test_taylor_importance_matches_reference(dtype, shape, squared):
+    inputs = _taylor_inputs(*shape, dtype, "cuda", seed=sum(shape))
+    _check_taylor(inputs, 2.0, squared, f"{dtype} {shape}")
+
+
+@requires_cuda
+def test_taylor_importance_mixed_dtypes():
+    """bf16 X with float32 dY (both cast to float32 by the wrapper) and a float16 W."""
+    inputs = _taylor_inputs(
+        50, 200, 300, 8, torch.bfloat16, "cuda", weight_dtype=torch.float16, grad_dtype=torch.float32, seed=4
+    )
+    _check_taylor(inputs, 0.5, False, "mixed dtypes")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_taylor_importance_strided_inputs(dtype):
+    x, dy, w, a, b = _taylor_inputs(64, 200, 392, 12, dtype, "cuda", seed=5)
+    wide_x = torch.randn(64, 400, device="cuda").to(dtype)
+    wide_x[:, 3:395] = x  # row stride 400, base off alignment
+    wide_w = torch.randn(200, 400, device="cuda").to(dtype)
+    wide_w[:, :392] = w
+    strided = [wide_x[:, 3:395], dy.t().contiguous().t(), wide_w[:, :392], a.t().contiguous().t(), b]
+    _check_taylor(strided, 1.5, False, f"{dtype} strided")
+    _check_taylor([x, dy, w.t().contiguous().t(), a, b], 1.5, True, f"{dtype} transposed W")
+
+
+@requires_cuda
+def test_taylor_importance_zero_tokens():
+    inputs = _taylor_inputs(0, 40, 70, 4, torch.bfloat16, "cuda")
+    rows, cols = ops.taylor_importance(*inputs, 1.0, backend="cuda")
+    assert torch.equal(rows, torch.zeros(40, device="cuda")) and torch.equal(
+        cols, torch.zeros(70, device="cuda")
+    )
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_taylor_importance_writes_every_output_deterministically(dtype):
+    ext = cuda_ops.extension()
+    x, dy, w, a, b = _taylor_inputs(129, 1000, 1376, 9, dtype, "cuda", seed=11)
+    expected_rows, expected_cols = cuda_ops.taylor_importance(x, dy, w, a, b, 2.0, False)
+    floats = ext.taylor_importance_workspace_floats(*w.shape)
+    rows = torch.full((w.shape[0],), float("nan"), device="cuda")
+    cols = torch.full((w.shape[1],), float("nan"), device="cuda")
+    workspace = torch.full((floats,), float("nan"), device="cuda")
+    ext.taylor_importance(
+        device=w.device.index,
+        stream=torch.cuda.current_stream().cuda_stream,
+        x=x.data_ptr(),
+        grad_y=dy.data_ptr(),
+        dtype=cuda_ops.DTYPE_CODES[dtype],
+        tokens=x.shape[0],
+        out_features=w.shape[0],
+        in_features=w.shape[1],
+        x_row_stride=x.stride(0),
+        grad_row_stride=dy.stride(0),
+        weight=w.data_ptr(),
+        weight_dtype=cuda_ops.DTYPE_CODES[dtype],
+        weight_row_stride=w.stride(0),
+        lora_a=a.data_ptr(),
+        lora_b=b.data_ptr(),
+        rank=a.shape[0],
+        scaling=2.0,
+        squared=False,
+        row_sums=rows.data_ptr(),
+        col_sums=cols.data_ptr(),
+        workspace=workspace.data_ptr(),
+        workspace_floats=floats,
+    )
+    assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)  # bitwise repeatable
+
+
+@requires_cuda
+def test_taylor_importance_agrees_with_triton():
+    pytest.importorskip("triton")
+    inputs = _taylor_inputs(512, 4096, 1024, 8, torch.bfloat16, "cuda", seed=6)
+    cuda_rows, cuda_cols = ops.taylor_importance(*inputs, 2.0, backend="cuda")
+    triton_rows, triton_cols = ops.taylor_importance(*inputs, 2.0, backend="triton")
+    torch.testing.assert_close(cuda_rows, triton_rows, rtol=1e-4, atol=1e-6 * triton_rows.abs().max().item())
+    torch.testing.assert_close(cuda_cols, triton_cols, rtol=1e-4, atol=1e-6 * triton_cols.abs().max().item())
 
 
 # --- GPU: score_update --------------------------------------------------------------------------

@@ -135,6 +135,70 @@ def lora_importance(
     return row_sums, col_sums
 
 
+def taylor_importance(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    squared: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row sums (out,) and column sums (in,) of ``|(dYᵀX) ⊙ (W + s·B·A)|`` in float32, one fused GEMM over the tokens.
+
+    dYᵀX runs on tensor cores (fp16/bf16 products exact, float32 through 3xTF32; see
+    csrc/taylor_importance.cu). X and dY of different dtypes are both cast to float32 first.
+    """
+    op = "taylor_importance"
+    ext = extension()
+    device = _common_cuda_device(
+        op, {"x": x, "grad_y": grad_y, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    )
+    tokens, in_features = x.shape
+    out_features = weight.shape[0]
+    rank = 0 if lora_a is None else lora_a.shape[0]
+    sizes = (("tokens", tokens), ("out_features", out_features), ("in_features", in_features), ("rank", rank))
+    for name, size in sizes:
+        _check_size(op, name, size)
+    row_sums = torch.empty(out_features, dtype=torch.float32, device=device)
+    col_sums = torch.empty(in_features, dtype=torch.float32, device=device)
+    if tokens == 0 or weight.numel() == 0:
+        return row_sums.zero_(), col_sums.zero_()
+    if x.dtype != grad_y.dtype:
+        x, grad_y = x.float(), grad_y.float()
+    x, x_row_stride = _unit_column_stride(x)
+    grad_y, grad_row_stride = _unit_column_stride(grad_y)
+    weight, weight_row_stride = _unit_column_stride(weight)
+    a, b = (None, None) if rank == 0 else (_float32_contiguous(lora_a), _float32_contiguous(lora_b))
+    workspace_floats = ext.taylor_importance_workspace_floats(out_features, in_features)
+    workspace = torch.empty(workspace_floats, dtype=torch.float32, device=device)
+    ext.taylor_importance(
+        device=device.index,
+        stream=_current_stream(device),
+        x=x.data_ptr(),
+        grad_y=grad_y.data_ptr(),
+        dtype=DTYPE_CODES[x.dtype],
+        tokens=tokens,
+        out_features=out_features,
+        in_features=in_features,
+        x_row_stride=x_row_stride,
+        grad_row_stride=grad_row_stride,
+        weight=weight.data_ptr(),
+        weight_dtype=DTYPE_CODES[weight.dtype],
+        weight_row_stride=weight_row_stride,
+        lora_a=0 if a is None else a.data_ptr(),
+        lora_b=0 if b is None else b.data_ptr(),
+        rank=rank,
+        scaling=float(scaling),
+        squared=bool(squared),
+        row_sums=row_sums.data_ptr(),
+        col_sums=col_sums.data_ptr(),
+        workspace=workspace.data_ptr(),
+        workspace_floats=workspace_floats,
+    )
+    return row_sums, col_sums
+
+
 def score_update(
     scores: torch.Tensor,
     parts: Sequence[torch.Tensor],

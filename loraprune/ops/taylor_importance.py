@@ -21,6 +21,7 @@ from loraprune.ops._dispatch import resolve
 # Rows of W' and of dYᵀX formed at a time by the reference.
 REFERENCE_ROW_BLOCK = 256
 IMPLEMENTATIONS = {
+    "cuda": "loraprune.ops.cuda:taylor_importance",
     "triton": "loraprune.kernels.taylor_importance:taylor_importance",
     "torch": "loraprune.ops.taylor_importance:taylor_importance_reference",
 }
