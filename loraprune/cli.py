@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--eval-seq-len", type=_positive_int, default=512)
     prune.add_argument("--eval-max-windows", type=_positive_int, default=None)
+    prune.add_argument(
+        "--quantize-base",
+        default=None,
+        choices=["int8", "nf4"],
+        help="hold the frozen weights in 8 or 4 bits (bitsandbytes) while LoRA stays fp32; the pruned "
+        "model is written dense in --dtype",
+    )
     _add_runtime_flags(prune)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
@@ -218,14 +225,18 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
     return device, dtype
 
 
-def _load(model_dir: str, device: torch.device, dtype: torch.dtype):
+def _load(model_dir: str, device: torch.device, dtype: torch.dtype, quantize_base: str | None = None):
     from loraprune.io import check_model_dir, load_model, load_tokenizer
 
     check_model_dir(model_dir, "MODEL_DIR")
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise CliError(f"MODEL_DIR: {model_dir} has no tokenizer (save one with the model)")
-    return load_model(model_dir, dtype=dtype, device=device), tokenizer
+    if quantize_base is None:
+        return load_model(model_dir, dtype=dtype, device=device), tokenizer
+    from loraprune.quantization import load_quantized_model
+
+    return load_quantized_model(model_dir, quantize_base, dtype=dtype, device=device), tokenizer
 
 
 def _prepare_out_dir(args: argparse.Namespace) -> Path:
@@ -282,7 +293,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for path in args.eval_data:
         if not Path(path).exists():
             raise CliError(f"--eval-data: {path} does not exist")
-    model, tokenizer = _load(args.model_dir, device, dtype)
+    model, tokenizer = _load(args.model_dir, device, dtype, args.quantize_base)
     token_windows = windows(tokenize(tokenizer, read_text(args.data, "--data")), args.seq_len, "--data")
     amp_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
     run = PruningRun(
@@ -301,6 +312,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         run.load_checkpoint()
         _say(args, f"resuming at step {run.step} of {run_config.steps}")
     summary = run.run(stop_after=args.stop_after)
+        quantize_base=args.quantize_base,
     if not summary.finished:
         _say(args, f"stopped after step {summary.steps_done}; continue with --resume")
         return 0

@@ -14,6 +14,7 @@ from torch import nn
 from loraprune import ops
 from loraprune.models import PRUNED_CLASSES, set_attention_heads
 from loraprune.nn import LoraPruneLinear
+from loraprune.quantization import QuantizedLoraPruneLinear
 from loraprune.structures import (
     decoder_layers,
     head_dim,
@@ -109,19 +110,22 @@ def compact(model: nn.Module) -> nn.Module:
         cols = {"o_proj": ("heads", dim), "down_proj": ("channels", 1)}
         for name, path in projection_paths(model, layer).items():
             module = model.get_submodule(path)
-            device = module.weight.device
+            device = module.out_mask.device if isinstance(module, LoraPruneLinear) else module.weight.device
             row_index = _expand(kept_units, rows.get(name), module.out_features, device)
             col_index = _expand(kept_units, cols.get(name), module.in_features, device)
             lora_a = getattr(module, "lora_A", None)
-            weight, bias = ops.compact_linear(
-                module.weight,
-                module.bias,
-                lora_a,
-                getattr(module, "lora_B", None),
-                getattr(module, "scaling", 0.0),
-                row_index,
-                col_index,
-            )
+            if isinstance(module, QuantizedLoraPruneLinear):  # dequantizes the kept rows only
+                weight, bias = module.compact(row_index, col_index)
+            else:
+                weight, bias = ops.compact_linear(
+                    module.weight,
+                    module.bias,
+                    lora_a,
+                    getattr(module, "lora_B", None),
+                    getattr(module, "scaling", 0.0),
+                    row_index,
+                    col_index,
+                )
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             linear.weight = nn.Parameter(weight)
             if bias is not None:
@@ -170,8 +174,16 @@ def _convert(model: nn.Module, family: str, plan: list[dict]) -> nn.Module:
     config_cls, model_cls = PRUNED_CLASSES[family]
     old_config = model.config
     data = old_config.to_dict()
-    for key in ("model_type", "transformers_version", "pruned_layers", "architectures"):
+    for key in (
+        "model_type",
+        "transformers_version",
+        "pruned_layers",
+        "architectures",
+        "quantization_config",
+    ):
         data.pop(key, None)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # loaded quantized, but the compacted projections are dense
     new_config = config_cls(
         **data,
         pruned_layers=plan,

@@ -1,13 +1,24 @@
 """Importance criteria and their moving average per structure group.
 
-Every criterion produces, for each member matrix of a group, an importance vector along the
-member's pruned axis; :func:`loraprune.ops.score_update` then L2-normalises each vector, folds
-it into the group's units and moves the running scores.
+Every criterion but ``act`` produces, for each member matrix of a group, an importance vector
+along the member's pruned axis; :func:`loraprune.ops.score_update` then L2-normalises each
+vector, folds it into the group's units and moves the running scores.
 
 - ``lora`` (LoRAPrune): ``|G ⊙ (W + s·B·A)|`` with ``G = gB·A + B·gA − gB·gA`` estimated from
   the LoRA factors and their gradients: the gradient of ``W`` is never formed.
-- ``taylor`` (LLM-Pruner, first order): ``|∂L/∂W ⊙ (W + s·B·A)|`` from the frozen weights'
-  real gradients: memory-hungry by design (one full-size gradient per matrix).
+- ``taylor`` (LLM-Pruner, first order): ``|∂L/∂W ⊙ (W + s·B·A)|``. ``fused`` (default): each
+  member layer keeps its input ``X`` and output gradient ``dY`` of the backward the loop runs
+  anyway and reduces ``|(dYᵀX) ⊙ W'|`` to rows / columns with :func:`loraprune.ops.taylor_importance`
+  (no weight gradient, memory O(out + in)); ``materialized``: from the frozen weights' real
+  gradients (one full-size gradient per matrix). With gradient accumulation, ``fused`` sums the
+  micro-batches' ``|·|`` (``Σₘ|∂Lₘ/∂W ⊙ W'|``) while ``materialized`` takes ``|·|`` of the
+  accumulated gradient; they are equal with one micro-batch per step.
+- ``act`` (structure-level first-order Taylor, Molchanov et al. 2019, Kwon et al. 2022): the
+  loss change of removing unit ``u``, ``|Σₜ ∂L/∂h_u(t) · h_u(t)|`` with ``h_u`` the unit's slice of
+  the o_proj input (a head or KV group) or the down_proj input channel, summed over all tokens of
+  an optimizer step (micro-batches included); ``squared``: its Fisher form ``Σ_seq (Σ_{t∈seq} ·)²``.
+  O(units) accumulators; the scores stay in loss units (no normalisation), so ``ranking="global"``
+  compares units across layers on one scale.
 - ``magnitude``: ``(W + s·B·A)²``: the squared L2 norm of each row / column.
 - ``random``: fixed seeded scores.
 """
@@ -29,6 +40,104 @@ def merged_weight(module: LoraPruneLinear) -> torch.Tensor:
     if module.lora_A is not None:
         weight = weight + module.scaling * (module.lora_B.float() @ module.lora_A.float())
     return weight
+
+
+class _GradientTap(torch.autograd.Function):
+    """Identity on ``tensor``; its backward hands ``saved`` and ``tensor``'s gradient to ``sink``.
+
+    ``anchor`` (a 0-dim tensor that requires grad) makes the output require grad, so that the
+    backward reaches the tap even where nothing upstream of ``tensor`` is trainable.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, saved, anchor, sink):
+        ctx.save_for_backward(saved)
+        ctx.sink = sink
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        ctx.sink(saved, grad)
+        return grad, None, None, None
+
+
+class ScoreCapture:
+    """Collects one member's importance during the backward (``taylor`` fused, ``act``).
+
+    Installed as ``module.score_capture``; it holds the layer's (unmasked) input, which the LoRA
+    backward keeps anyway, and reduces it with the gradient at once into ``buffer`` (fp32).
+    """
+
+    def __init__(
+        self, module: LoraPruneLinear, member: Member, criterion: str, num_units: int, squared: bool
+    ):
+        self.module, self.axis, self.criterion = module, member.axis, criterion
+        self.num_units, self.squared = num_units, squared
+        size = module.out_features if member.axis == "out" else module.in_features
+        length = size if criterion == "taylor" else num_units
+        self.buffer = torch.zeros(length, dtype=torch.float32, device=module.out_mask.device)
+        self.anchor = torch.zeros((), device=module.out_mask.device, requires_grad=True)
+        self.backwards = 0  # backward passes collected since the last take()
+
+    def __call__(self, x: torch.Tensor, forward) -> torch.Tensor:
+        if self.criterion == "act":
+            return forward(_GradientTap.apply(x, x, self.anchor, self._act))
+        return _GradientTap.apply(forward(x), x, self.anchor, self._taylor)
+
+    @torch.no_grad()
+    def _taylor(self, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+        module = self.module
+        x = x.reshape(-1, module.in_features)
+        grad_y = grad_y.reshape(-1, module.out_features)
+        if module._in_masked:  # the weight saw the masked input; masked rows got no gradient
+            x = x * module.in_mask.to(x.dtype)
+        if module._out_masked:
+            grad_y = grad_y * module.out_mask.to(grad_y.dtype)
+        rows, cols = ops.taylor_importance(
+            x, grad_y, module.weight, module.lora_A, module.lora_B, module.scaling, squared=self.squared
+        )
+        self.buffer += rows if self.axis == "out" else cols
+        self.backwards += 1
+
+    @torch.no_grad()
+    def _act(self, h: torch.Tensor, grad_h: torch.Tensor) -> None:
+        # ∂L/∂m_u for a mask m_u scaling unit u's slice of h: Σ over its tokens and channels.
+        sequences = h.shape[0] if h.ndim >= 3 else 1
+        product = (h.float() * grad_h.float()).reshape(
+            sequences, -1, self.num_units, h.shape[-1] // self.num_units
+        )
+        per_sequence = product.sum(dim=(1, 3))
+        self.buffer += per_sequence.square().sum(dim=0) if self.squared else per_sequence.sum(dim=0)
+        self.backwards += 1
+
+    def take(self) -> torch.Tensor:
+        """This step's importance (``act``: per unit, ``|·|`` applied); resets the accumulator."""
+        if self.backwards == 0:
+            raise RuntimeError(
+                f"no backward pass reached {self.module.__class__.__name__} since the last update; "
+                "call update() after backward() (in train mode, with gradients enabled)"
+            )
+        value = self.buffer.clone() if self.criterion == "taylor" or self.squared else self.buffer.abs()
+        self.buffer.zero_()
+        self.backwards = 0
+        return value
+
+
+def _input_member(group: StructureGroup) -> Member:
+    """The member pruned along its input features (o_proj, down_proj): ``act`` hooks its input."""
+    return next(m for m in group.members if m.axis == "in")
+
+
+def _moving_average(
+    scores: torch.Tensor, now: torch.Tensor, decay: float, updates: torch.Tensor, skipped: torch.Tensor
+) -> None:
+    """``score_update``'s moving average and NaN/Inf skip, without its per-member normalisation."""
+    finite = torch.isfinite(now).all()
+    averaged = torch.where(updates == 0, now, decay * scores + (1.0 - decay) * now)
+    scores.copy_(torch.where(finite, averaged, scores))
+    updates.add_(finite.long())
+    skipped.add_((~finite).long())
 
 
 def reduce_axis(element: torch.Tensor, axis: str) -> torch.Tensor:
@@ -59,6 +168,24 @@ class ImportanceTracker:
                         f"criterion 'lora' needs LoRA on at least one matrix of {group.name}; "
                         "add its projections to target_modules"
                     )
+        self.taylor_impl = config.taylor_impl
+        self.captures: dict[str, ScoreCapture] = {}
+        if self.criterion == "act":
+            for group in groups:
+                if not any(m.axis == "in" for m in group.members):
+                    raise ValueError(
+                        f"criterion 'act' needs the input of {group.name}'s o_proj / down_proj (a member "
+                        "pruned along its input features) to hook; this group has none"
+                    )
+        if self.fused:
+            for group in groups:
+                hooked = group.members if self.criterion == "taylor" else (_input_member(group),)
+                for member in hooked:
+                    module = self._module(member)
+                    self.captures[member.path] = ScoreCapture(
+                        module, member, self.criterion, group.num_units, self.squared
+                    )
+                    module.score_capture = self.captures[member.path]
         if self.criterion == "random":
             generator = torch.Generator().manual_seed(config.seed)
             for scores, counter in zip(self.scores, self.num_updates, strict=True):
@@ -67,8 +194,19 @@ class ImportanceTracker:
 
     @property
     def needs_weight_grad(self) -> bool:
-        """Whether the frozen weights must receive gradients during backward (``taylor``)."""
-        return self.criterion == "taylor"
+        """Whether the frozen weights must receive gradients during backward (``taylor`` materialized)."""
+        return self.criterion == "taylor" and self.taylor_impl == "materialized"
+
+    @property
+    def fused(self) -> bool:
+        """Whether importance is collected by hooks during the backward (``taylor`` fused, ``act``)."""
+        return self.criterion == "act" or (self.criterion == "taylor" and self.taylor_impl == "fused")
+
+    def stop_capture(self) -> None:
+        """Remove the backward hooks (scoring is over): later backward passes collect nothing."""
+        for path in self.captures:
+            self.model.get_submodule(path).score_capture = None
+        self.captures.clear()
 
     def _module(self, member: Member) -> LoraPruneLinear:
         return self.model.get_submodule(member.path)
@@ -81,8 +219,17 @@ class ImportanceTracker:
         for group, scores, updates, skipped in zip(
             self.groups, self.scores, self.num_updates, self.num_skipped, strict=True
         ):
+            if self.criterion == "act":
+                now = self._capture(_input_member(group)).take()
+                _moving_average(scores, now, self.decay, updates, skipped)
+                continue
             parts = [v for m in group.members if (v := self.member_importance(m)) is not None]
             ops.score_update(scores, parts, self.decay, updates, skipped)
+
+    def _capture(self, member: Member) -> ScoreCapture:
+        if member.path not in self.captures:
+            raise RuntimeError(f"{member.path}: scoring is finished (stop_capture was called)")
+        return self.captures[member.path]
 
     def member_importance(self, member: Member) -> torch.Tensor | None:
         """One member's importance vector along its pruned axis (``None``: no LoRA to estimate from)."""
@@ -105,6 +252,8 @@ class ImportanceTracker:
                 squared=self.squared,
             )
             return rows if member.axis == "out" else cols
+        if self.criterion == "taylor" and self.taylor_impl == "fused":
+            return self._capture(member).take()
         if self.criterion == "taylor":
             if module.weight.grad is None:
                 raise RuntimeError(

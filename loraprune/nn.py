@@ -100,7 +100,16 @@ class LoraPruneLinear(nn.Module):
             getattr(self, name).copy_(mask)
         self._refresh_mask_flags()
 
+    # Set by the importance tracker while it scores (criteria ``taylor`` fused and ``act``): it
+    # wraps the forward to collect this layer's input and a gradient during the backward.
+    score_capture = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.score_capture is not None and self.training and torch.is_grad_enabled():
+            return self.score_capture(x, self._masked_forward)
+        return self._masked_forward(x)
+
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         out_mask = self.out_mask if self._out_masked else None
         in_mask = self.in_mask if self._in_masked else None
         if self.lora_A is None:

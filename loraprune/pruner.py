@@ -89,7 +89,9 @@ class LoraPruner:
             module.set_masks(**{f"{member.axis}_mask": mask})
 
     def finish_scoring(self) -> None:
-        """Scores are no longer needed: stop the frozen weights' gradients (``taylor``) to free memory."""
+        """Scores are no longer needed: stop the backward hooks and the frozen weights' gradients
+        (``taylor`` materialized) to free memory."""
+        self.tracker.stop_capture()
         if self.tracker.needs_weight_grad:
             for group in self.groups:
                 for member in group.members:

@@ -172,6 +172,30 @@ def test_deterministic():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def test_autotuning_candidates_fit_shared_memory_and_alignment():
+    """Pruning before tuning: pipelined tiles within PIPELINE_SHARED_BYTES for the operand dtype,
+    and narrow column tiles when a row of X, dY or W is not 16-element aligned (wider ones spill)."""
+    configs = [
+        kernel._config(128, 128, 64, num_warps=8, num_stages=3),
+        kernel._config(128, 64, 64, num_warps=4, num_stages=4),
+        kernel._config(64, 64, 64, num_warps=4, num_stages=4),
+    ]
+
+    def candidates(in_features: int, dtype: torch.dtype, upcast: bool = False, offset: int = 0) -> list:
+        x = torch.empty(8, in_features + offset, dtype=dtype)[:, offset:]
+        grad_y, weight = torch.empty(8, 64, dtype=dtype), torch.empty(64, in_features, dtype=dtype)
+        named = {"x_ptr": x, "dy_ptr": grad_y, "w_ptr": weight, "N": 64, "K": in_features}
+        named.update(stride_xm=x.stride(0), stride_dym=grad_y.stride(0), stride_wn=weight.stride(0))
+        kept = kernel._prune_configs(configs, named, UPCAST=upcast)
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+
+    assert candidates(256, torch.bfloat16) == [(128, 128), (128, 64), (64, 64)]
+    assert candidates(136, torch.bfloat16) == [(128, 64), (64, 64)]  # 136 = 8·17: unaligned rows
+    assert candidates(256, torch.bfloat16, offset=8) == [(128, 64), (64, 64)]  # misaligned base
+    assert candidates(256, torch.float32) == [(64, 64)]  # 4-byte operands: 128 KiB for 64x64
+    assert candidates(256, torch.bfloat16, upcast=True) == [(64, 64)]
+
+
 @requires_cuda
 @pytest.mark.parametrize(
     ("in_features", "out_features", "rank"),
