@@ -1,65 +1,82 @@
-"""Study 4: perplexity after pruning the tiny-llama fixture (the paper's Table 2 on what exists here).
+"""Study 4: perplexity after pruning the tiny fixtures, per criterion, mean ± std over seeds.
 
-Every configuration prunes the same checkpoint with the same calibration text, steps, batch,
-learning rate and seed, through the ``loraprune`` command line (one subprocess per command):
+Every configuration prunes a fixture through the ``loraprune`` command line (one subprocess per
+command) with the same calibration text, steps, batch and learning rate; only the criterion,
+schedule, ratio and seed change. Methods (``--methods``):
 
-- ``dense``: the unpruned fixture (``loraprune eval`` only).
-- ``lora-iterative``: LoRAPrune (``--criterion lora --mode iterative``).
-- ``taylor-oneshot``: LLM-Pruner (``--criterion taylor --mode oneshot``) + the same LoRA recovery.
-- ``taylor-iterative``: the full-gradient criterion on LoRAPrune's schedule.
-- ``magnitude``, ``random``: one-shot baselines + the same LoRA recovery.
+- ``lora``, ``lora-squared``: LoRAPrune's estimate (``--squared``: the paper's squared form).
+- ``taylor``, ``taylor-materialized``: first-order Taylor of the weights, fused (no weight
+  gradient, the default) and from the materialised weight gradients (equal by test at
+  ``--grad-accum 1``: run one of them).
+- ``act``: structure-level first-order Taylor from activations.
+- ``magnitude``, ``random``: baselines.
+  All of these prune iteratively (LoRAPrune's cubic schedule while fine-tuning).
+- ``taylor-oneshot``: LLM-Pruner's recipe (score on calibration batches, prune, fine-tune).
+- ``finetune``: the same LoRA fine-tuning without pruning (ratio 0): the reference for the
+  damage pruning does, since fine-tuning alone moves perplexity.
+- ``dense``: the untouched fixture (``loraprune eval`` only).
 
-each at 20 % and 50 %, evaluated on WikiText-2 test and PTB test at sequence lengths 512 and
-128 (the 512 evaluations run inside ``loraprune prune --eval-data``, the others through
-``loraprune eval``). Rows go to quality.csv and the table to quality.md. Finished rows are not
-run again (same budget, dtype and eval set), so the study can be split (``--ratios``,
-``--methods``) over several runs; checkpoints stay under ``--work-dir``.
+Fixtures (``--fixtures``): ``tiny-llama`` (MHA) and ``tiny-llama-gqa`` (6 query / 3 KV heads).
+Calibration → evaluation pairs (``--pairs``): ``wikitext`` (WikiText-103 part → WikiText-2 and
+PTB test) and ``docs`` (docs-heldout calib → docs-heldout test). Each finished (configuration,
+seed) is a set of CSV rows whose ``shape`` names fixture, pair, budget and seed; finished rows
+are never run again, so the study resumes and can be split over runs and ``--jobs`` parallel
+subprocesses. ``quality.md`` and ``quality.png`` are rebuilt from the CSV (mean ± sample std
+over the seeds present; ``--report-only`` rebuilds them without running anything).
 
-    python -m benchmarks.quality [--quick] [--ratios 0.2,0.5] [--methods lora-iterative,...]
+    python -m benchmarks.quality [--quick] [--ratios 0.5,0.2] [--methods lora,taylor] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import statistics
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import (
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    Recorder,
-    Result,
-    read_rows,
-    results_table,
-    shared_dir,
-)
+from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, Recorder, Result, read_rows, shared_dir
 
-METHODS = {  # name: (criterion, mode)
-    "lora-iterative": ("lora", "iterative"),
-    "taylor-oneshot": ("taylor", "oneshot"),
-    "taylor-iterative": ("taylor", "iterative"),
-    "magnitude": ("magnitude", "oneshot"),
-    "random": ("random", "oneshot"),
+METHODS = {  # name: (criterion, mode, extra CLI flags)
+    "lora": ("lora", "iterative", ()),
+    "lora-squared": ("lora", "iterative", ("--squared",)),
+    "taylor": ("taylor", "iterative", ("--taylor-impl", "fused")),
+    "taylor-materialized": ("taylor", "iterative", ("--taylor-impl", "materialized")),
+    "act": ("act", "iterative", ()),
+    "magnitude": ("magnitude", "iterative", ()),
+    "random": ("random", "iterative", ()),
+    "taylor-oneshot": ("taylor", "oneshot", ("--taylor-impl", "fused")),
 }
-EVAL_SETS = {"wikitext-2-test": ("data", "wikitext-2", "test.txt"), "ptb-test": ("data", "ptb", "test.txt")}
-CALIBRATION_TEXT = ("data", "calib-wikitext103-train-part.txt")
-FIXTURE = ("fixtures", "tiny-llama")
+FINETUNE = "finetune"  # lora at ratio 0: fine-tuning alone
 REFERENCE = "dense"
-FINETUNED_REFERENCE = "lora-iterative"  # at ratio 0: the dense model after the same LoRA fine-tuning
+FIXTURES = {"tiny-llama": ("fixtures", "tiny-llama"), "tiny-llama-gqa": ("fixtures", "tiny-llama-gqa")}
+PAIRS = {  # name: (calibration text, {eval set: text})
+    "wikitext": (
+        ("data", "calib-wikitext103-train-part.txt"),
+        {"wikitext-2-test": ("data", "wikitext-2", "test.txt"), "ptb-test": ("data", "ptb", "test.txt")},
+    ),
+    "docs": (("data", "docs-heldout", "calib.txt"), {"docs-test": ("data", "docs-heldout", "test.txt")}),
+}
 REPORT_NAME = "prune_report.json"
 CHECKPOINT_NAME = "checkpoint.safetensors"
+SEED_PATTERN = re.compile(r" seed=(\d+)$")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What every configuration shares; its text is the ``shape`` of the rows."""
+    """What every configuration of one fixture and pair shares; with the seed, the rows' ``shape``."""
 
+    fixture: str
+    pair: str
     steps: int
     batch_size: int
     seq_len: int
@@ -69,29 +86,36 @@ class Budget:
 
     def __str__(self) -> str:
         return (
-            f"tiny-llama steps={self.steps} batch={self.batch_size}x{self.seq_len} lr={self.lr:g} "
-            f"prune_every={self.prune_every} seed={self.seed}"
+            f"{self.fixture} calib={self.pair} steps={self.steps} batch={self.batch_size}x{self.seq_len} "
+            f"lr={self.lr:g} prune_every={self.prune_every} seed={self.seed}"
         )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="30 steps of 4x256, 50%% only, seq len 512, 32 windows"
+        "--quick", action="store_true", help="30 steps of 4x128, 50%% only, one seed, 32 windows of 128"
     )
-    parser.add_argument("--ratios", help="comma-separated pruning ratios (default 0.2,0.5; quick 0.5)")
+    parser.add_argument("--ratios", help="comma-separated pruning ratios (default 0.5,0.2; quick 0.5)")
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}"
     )
+    parser.add_argument("--fixtures", default=",".join(FIXTURES), help=f"subset of {list(FIXTURES)}")
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"subset of {list(PAIRS)}")
+    parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; quick 0)")
+    parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning-only reference runs")
     parser.add_argument("--steps", type=int, help="optimizer steps per configuration (default 300, quick 30)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default 8, quick 4)")
-    parser.add_argument("--seq-len", type=int, help="training sequence length (default 512, quick 256)")
+    parser.add_argument("--seq-len", type=int, help="training sequence length (default 512, quick 128)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prune-every", type=int, default=10)
-    parser.add_argument("--eval-seq-lens", help="comma-separated (default 512,128; quick 512)")
+    parser.add_argument("--eval-seq-len", type=int, help="evaluation window length (default 512, quick 128)")
     parser.add_argument("--max-windows", type=int, help="evaluation windows per set (default all, quick 32)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel")
+    parser.add_argument(
+        "--threads", type=int, help="OMP_NUM_THREADS of each CLI subprocess (1 is fastest on a busy CPU)"
+    )
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument(
         "--work-dir",
@@ -99,58 +123,84 @@ def build_parser() -> argparse.ArgumentParser:
         default=REPO_ROOT / "benchmarks" / ".work" / "quality",
         help="pruned checkpoints",
     )
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed to one CLI command")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed to one CLI command")
+    parser.add_argument("--report-only", action="store_true", help="rebuild quality.md/.png from the CSV")
     return parser
+
+
+def _subset(text: str, known: Sequence[str], flag: str) -> list[str]:
+    chosen = text.split(",")
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {unknown}; choose from {list(known)}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    csv_path = args.results_dir / "quality.csv"
+    if args.report_only:
+        write_report(csv_path, args.results_dir)
+        return 0
+    methods = _subset(args.methods, list(METHODS), "--methods")
+    fixtures = _subset(args.fixtures, list(FIXTURES), "--fixtures")
+    pairs = _subset(args.pairs, list(PAIRS), "--pairs")
     shared = shared_dir()
-    fixture, calibration = shared.joinpath(*FIXTURE), shared.joinpath(*CALIBRATION_TEXT)
-    eval_files = {name: shared.joinpath(*parts) for name, parts in EVAL_SETS.items()}
-    missing = [str(p) for p in (fixture, calibration, *eval_files.values()) if not p.exists()]
+    needed = [shared.joinpath(*FIXTURES[f]) for f in fixtures]
+    for pair in pairs:
+        calibration, evals = PAIRS[pair]
+        needed += [shared.joinpath(*calibration), *(shared.joinpath(*p) for p in evals.values())]
+    missing = [str(p) for p in needed if not p.exists()]
     if missing:
         print(f"SKIPPED the quality study: {', '.join(missing)} not found (set LORAPRUNE_SHARED to shared/).")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # the CLI's own defaults, made explicit
-    budget = Budget(
-        steps=args.steps or (30 if args.quick else 300),
-        batch_size=args.batch_size or (4 if args.quick else 8),
-        seq_len=args.seq_len or (256 if args.quick else 512),
-        lr=args.lr,
-        prune_every=args.prune_every,
-        seed=args.seed,
-    )
-    ratios = [float(r) for r in (args.ratios or ("0.5" if args.quick else "0.2,0.5")).split(",")]
-    methods = args.methods.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}")
-    seq_lens = [int(s) for s in (args.eval_seq_lens or ("512" if args.quick else "512,128")).split(",")]
-    max_windows = args.max_windows or (32 if args.quick else None)
+    ratios = [float(r) for r in (args.ratios or ("0.5" if args.quick else "0.5,0.2")).split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
 
-    recorder = Recorder(args.results_dir, "quality", device)
-    done = {
-        (r["benchmark"], r["provider"])
-        for r in read_rows(recorder.path)
-        if r["status"] == "ok" and r["shape"] == str(budget) and r["dtype"] == dtype
-    }
-    recorder.remember(
-        r for r in read_rows(recorder.path) if r["shape"] == str(budget) and r["dtype"] == dtype
+    def budget(fixture: str, pair: str, seed: int) -> Budget:
+        return Budget(
+            fixture,
+            pair,
+            steps=args.steps or (30 if args.quick else 300),
+            batch_size=args.batch_size or (4 if args.quick else 8),
+            seq_len=args.seq_len or (128 if args.quick else 512),
+            lr=args.lr,
+            prune_every=args.prune_every,
+            seed=seed,
+        )
+
+    study = QualityRun(
+        Recorder(args.results_dir, "quality", device),
+        dtype,
+        device,
+        eval_seq_len=args.eval_seq_len or (128 if args.quick else 512),
+        max_windows=args.max_windows or (32 if args.quick else None),
+        args=args,
     )
-    study = QualityRun(recorder, budget, dtype, device, eval_files, seq_lens, max_windows, done, args)
-    study.evaluate_dense(fixture)
-    # The same LoRA budget without pruning: fine-tuning on the calibration text moves perplexity on
-    # its own (here in-domain for WikiText-2), so this row, not the untouched fixture, isolates the
-    # damage that pruning does.
-    study.prune_and_evaluate(fixture, calibration, FINETUNED_REFERENCE, 0.0)
-    for ratio in ratios:
-        for method in methods:
-            study.prune_and_evaluate(fixture, calibration, method, ratio)
-    write_markdown(recorder.path, args.results_dir / "quality.md")
-    print(results_table(recorder.rows))
-    print(f"\n{args.results_dir / 'quality.md'}:\n{(args.results_dir / 'quality.md').read_text()}")
+    study.done = {
+        (r["benchmark"], r["provider"], r["shape"])
+        for r in read_rows(csv_path)
+        if r["status"] == "ok" and r["dtype"] == dtype
+    }
+    # Priority order: references, then each ratio with every seed before the next ratio.
+    jobs = [(budget(f, p, seeds[0]), REFERENCE, 0.0) for f in fixtures for p in pairs]
+    if not args.no_finetune:
+        jobs += [(budget(f, p, s), FINETUNE, 0.0) for s in seeds for f in fixtures for p in pairs]
+    jobs += [
+        (budget(f, p, s), m, r)
+        for r in ratios
+        for s in seeds
+        for f in fixtures
+        for p in pairs
+        for m in methods
+    ]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for future in [pool.submit(study.run, *job) for job in jobs]:
+            future.result()
+    write_report(csv_path, args.results_dir)
+    print((args.results_dir / "quality.md").read_text())
     return 0
 
 
@@ -158,79 +208,76 @@ def benchmark_name(eval_set: str, seq_len: int) -> str:
     return f"perplexity {eval_set} seq={seq_len}"
 
 
+def provider_name(method: str, ratio: float) -> str:
+    return method if method == REFERENCE else f"{method} {ratio:.0%}"
+
+
 @dataclass
 class QualityRun:
     recorder: Recorder
-    budget: Budget
     dtype: str
     device: torch.device
-    eval_files: dict[str, Path]
-    seq_lens: list[int]
+    eval_seq_len: int
     max_windows: int | None
-    done: set[tuple[str, str]]
     args: argparse.Namespace
+    done: set[tuple[str, str, str]] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def pending(self, provider: str, seq_lens: Sequence[int]) -> list[tuple[str, int]]:
-        return [
-            (name, seq)
-            for seq in seq_lens
-            for name in self.eval_files
-            if (benchmark_name(name, seq), provider) not in self.done
+    def run(self, budget: Budget, method: str, ratio: float) -> None:
+        provider = provider_name(method, ratio)
+        calibration, evals = PAIRS[budget.pair]
+        shared = shared_dir()
+        eval_files = {name: shared.joinpath(*parts) for name, parts in evals.items()}
+        pending = [
+            name
+            for name in eval_files
+            if (benchmark_name(name, self.eval_seq_len), provider, str(budget)) not in self.done
         ]
-
-    def evaluate_dense(self, fixture: Path) -> None:
-        for eval_set, seq_len in self.pending(REFERENCE, self.seq_lens):
-            self.evaluate(fixture, REFERENCE, eval_set, seq_len)
-
-    def prune_and_evaluate(self, fixture: Path, calibration: Path, method: str, ratio: float) -> None:
-        provider = f"{method} {ratio:.0%}"
-        if not self.pending(provider, self.seq_lens):
-            print(f"{provider}: already in {self.recorder.path}, skipped")
+        if not pending:
             return
-        out = self.args.work_dir / f"{method}-{ratio:g}-{str(self.budget).replace(' ', '-')}-{self.dtype}"
-        first_seq = self.seq_lens[0]
+        fixture = shared.joinpath(*FIXTURES[budget.fixture])
+        if method == REFERENCE:
+            for name in pending:
+                self.evaluate(fixture, budget, provider, name, eval_files[name])
+            return
+        out = self.args.work_dir / f"{method}-{ratio:g}-{str(budget).replace(' ', '-')}-{self.dtype}"
         if not (out / REPORT_NAME).exists():
-            criterion, mode = METHODS[method]
+            criterion, mode, extra = METHODS.get(method, ("lora", "iterative", ()))
             command = [
-                *("prune", str(fixture), "--data", str(calibration), "--out", str(out)),
-                *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode),
-                *("--steps", str(self.budget.steps), "--batch-size", str(self.budget.batch_size)),
-                *("--seq-len", str(self.budget.seq_len), "--lr", str(self.budget.lr)),
-                *("--seed", str(self.budget.seed), "--prune-every", str(self.budget.prune_every)),
-                *(arg for path in self.eval_files.values() for arg in ("--eval-data", str(path))),
-                *("--eval-seq-len", str(first_seq)),
+                *("prune", str(fixture), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
+                *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *extra),
+                *("--steps", str(budget.steps), "--batch-size", str(budget.batch_size)),
+                *("--seq-len", str(budget.seq_len), "--lr", str(budget.lr)),
+                *("--seed", str(budget.seed), "--prune-every", str(budget.prune_every)),
+                *(arg for path in eval_files.values() for arg in ("--eval-data", str(path))),
+                *("--eval-seq-len", str(self.eval_seq_len)),
                 *(("--eval-max-windows", str(self.max_windows)) if self.max_windows else ()),
                 "--resume" if (out / CHECKPOINT_NAME).exists() else "--overwrite",
             ]
             failure = self.cli(command)
             if failure:
-                for eval_set, seq_len in self.pending(provider, self.seq_lens):
-                    self.record(provider, eval_set, seq_len, None, note=failure, status="error")
+                for name in pending:
+                    self.record(budget, provider, name, None, note=failure, status="error")
                 return
         report = json.loads((out / REPORT_NAME).read_text())
         note = (
             f"kept {report['parameters']['ratio']:.1%} of parameters; final loss {report['final_loss']:.3f}; "
             f"{report['wall_time_s']:.0f} s"
         )
-        reported = dict(zip(self.eval_files, report["eval"], strict=True))  # --eval-data order
-        for eval_set, seq_len in self.pending(provider, self.seq_lens):
-            if seq_len == first_seq and reported[eval_set]["seq_len"] == seq_len:
-                self.record(provider, eval_set, seq_len, reported[eval_set], note)
-            else:
-                self.evaluate(out, provider, eval_set, seq_len, note)
+        reported = dict(zip(eval_files, report["eval"], strict=True))  # --eval-data order
+        for name in pending:
+            self.record(budget, provider, name, reported[name], note)
 
-    def evaluate(self, model_dir: Path, provider: str, eval_set: str, seq_len: int, note: str = "") -> None:
+    def evaluate(self, model_dir: Path, budget: Budget, provider: str, name: str, path: Path) -> None:
         command = [
-            *("eval", str(model_dir), "--data", str(self.eval_files[eval_set]), "--seq-len", str(seq_len)),
+            *("eval", str(model_dir), "--data", str(path), "--seq-len", str(self.eval_seq_len)),
             *(("--max-windows", str(self.max_windows)) if self.max_windows else ()),
             "--json",
         ]
         output: list[str] = []
         failure = self.cli(command, output)
         result = None if failure else json.loads(output[-1])
-        self.record(
-            provider, eval_set, seq_len, result, note=failure or note, status="error" if failure else "ok"
-        )
+        self.record(budget, provider, name, result, note=failure, status="error" if failure else "ok")
 
     def cli(self, arguments: list[str], output: list[str] | None = None) -> str:
         """Run ``loraprune ARGUMENTS`` on the study's device and dtype; returns '' or why it failed."""
@@ -238,10 +285,13 @@ class QualityRun:
             *(sys.executable, "-m", "loraprune.cli", *arguments),
             *("--device", self.device.type, "--dtype", self.dtype, "--quiet"),
         ]
+        env = dict(os.environ)
+        if self.args.threads:
+            env["OMP_NUM_THREADS"] = str(self.args.threads)
         print("$ loraprune " + " ".join(arguments), flush=True)
         try:
             done = subprocess.run(
-                command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.args.timeout
+                command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.args.timeout, env=env
             )
         except subprocess.TimeoutExpired:
             return f"no result within {self.args.timeout} s"
@@ -253,63 +303,138 @@ class QualityRun:
         return ""
 
     def record(
-        self, provider: str, eval_set: str, seq_len: int, result: dict | None, note: str, status: str = "ok"
+        self,
+        budget: Budget,
+        provider: str,
+        eval_set: str,
+        result: dict | None,
+        note: str,
+        status: str = "ok",
     ) -> None:
-        windows = f"{result['windows']} windows of {seq_len}; " if result else ""
-        self.recorder.record(
-            Result(
-                benchmark_name(eval_set, seq_len),
-                provider,
-                str(self.budget),
-                self.dtype,
-                status=status,
-                value=result["perplexity"] if result else None,
-                unit="ppl",
-                reference=REFERENCE,
-                repetitions=1 if result else None,
-                note=windows + note,
+        windows = f"{result['windows']} windows of {self.eval_seq_len}; " if result else ""
+        with self.lock:
+            self.recorder.record(
+                Result(
+                    benchmark_name(eval_set, self.eval_seq_len),
+                    provider,
+                    str(budget),
+                    self.dtype,
+                    status=status,
+                    value=result["perplexity"] if result else None,
+                    unit="ppl",
+                    reference=REFERENCE,
+                    repetitions=1 if result else None,
+                    note=windows + note,
+                )
             )
-        )
 
 
-def write_markdown(csv_path: Path, markdown_path: Path) -> None:
-    """One table per budget and dtype: methods × ratios down, eval sets × sequence lengths across."""
-    rows = [r for r in read_rows(csv_path) if r["status"] == "ok"]
+def aggregate(csv_path: Path) -> dict[tuple[str, str, str, str], list[float]]:
+    """Perplexities by (budget without seed, dtype, provider, benchmark), one per seed (latest row)."""
+    latest: dict[tuple[str, str, str, str, str], float] = {}
+    for row in read_rows(csv_path):
+        match = SEED_PATTERN.search(row["shape"])
+        if row["status"] != "ok" or not row["value"] or match is None or " calib=" not in row["shape"]:
+            continue
+        key = (row["shape"][: match.start()], row["dtype"], row["provider"], row["benchmark"], match.group(1))
+        latest[key] = float(row["value"])
+    values: dict[tuple[str, str, str, str], list[float]] = {}
+    for (*key, _seed), value in latest.items():
+        values.setdefault(tuple(key), []).append(value)
+    return values
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_report(csv_path: Path, results_dir: Path) -> None:
+    """quality.md: one table per fixture, pair and budget (mean ± std over seeds); quality.png."""
+    values = aggregate(csv_path)
     lines = [
-        "# Quality: perplexity after pruning tiny-llama",
+        "# Quality: perplexity after pruning the tiny fixtures (mean ± sample std over seeds)",
         "",
-        f"`{REFERENCE}` is the untouched fixture; `{FINETUNED_REFERENCE} 0%` is the same model after the same "
-        "LoRA fine-tuning without pruning, the reference for the damage pruning does.",
+        f"`{REFERENCE}` is the untouched fixture; `{FINETUNE} 0%` the same LoRA fine-tuning without pruning, "
+        "the reference for the damage pruning does. Methods prune iteratively unless named `-oneshot`. "
+        "`n` is the number of seeds.",
         "",
     ]
-    for budget, dtype in dict.fromkeys((r["shape"], r["dtype"]) for r in rows):
-        subset = [r for r in rows if (r["shape"], r["dtype"]) == (budget, dtype)]
-        latest = {(r["provider"], r["benchmark"]): r for r in subset}  # a later run replaces an earlier one
-        columns = list(dict.fromkeys(r["benchmark"] for r in subset))
-        providers = sorted(dict.fromkeys(r["provider"] for r in subset), key=_provider_order)
-        lines += [
-            f"## {budget}, {dtype}",
-            "",
-            "| method | " + " | ".join(c.removeprefix("perplexity ") for c in columns) + " |",
-        ]
-        lines.append("|---" * (len(columns) + 1) + "|")
+    for budget, dtype in dict.fromkeys((k[0], k[1]) for k in values):
+        subset = {k: v for k, v in values.items() if k[:2] == (budget, dtype)}
+        columns = list(dict.fromkeys(k[3] for k in subset))
+        providers = sorted(dict.fromkeys(k[2] for k in subset), key=_provider_order)
+        lines += [f"## {budget}, {dtype}", ""]
+        lines.append("| method | " + " | ".join(c.removeprefix("perplexity ") for c in columns) + " | n |")
+        lines.append("|---" * (len(columns) + 2) + "|")
         for provider in providers:
-            cells = [latest[(provider, c)]["value"] if (provider, c) in latest else "" for c in columns]
-            lines.append(f"| {provider} | " + " | ".join(_ppl(v) for v in cells) + " |")
+            cells, seeds = [], 0
+            for column in columns:
+                found = subset.get((budget, dtype, provider, column))
+                if found:
+                    mean, std = mean_std(found)
+                    cells.append(f"{mean:.1f} ± {std:.1f}")
+                    seeds = max(seeds, len(found))
+                else:
+                    cells.append("–")
+            lines.append(f"| {provider} | " + " | ".join(cells) + f" | {seeds} |")
         lines.append("")
-    markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    markdown_path.write_text("\n".join(lines))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "quality.md").write_text("\n".join(lines))
+    plot(values, results_dir / "quality.png")
+
+
+def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> None:
+    """Perplexity vs ratio per method, one panel per fixture × pair (first eval set), std error bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("quality.png not written: matplotlib is not installed (pip install matplotlib)")
+        return
+    panels = list(dict.fromkeys(k[:2] for k in values))
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (budget, dtype) in zip(axes[0], panels, strict=True):
+        subset = {k: v for k, v in values.items() if k[:2] == (budget, dtype)}
+        benchmark = next(iter(dict.fromkeys(k[3] for k in subset)))
+        methods: dict[str, list[tuple[float, float, float]]] = {}
+        for (_, _, provider, column), found in subset.items():
+            if column != benchmark or provider == REFERENCE:
+                continue
+            method, ratio = provider.rsplit(" ", 1)
+            mean, std = mean_std(found)
+            methods.setdefault(method, []).append((float(ratio.rstrip("%")), mean, std))
+        finetuned = methods.pop(FINETUNE, [])
+        for method in sorted(methods, key=lambda m: _provider_order(f"{m} 0%")):
+            points = sorted(methods[method] + finetuned)
+            ax.errorbar(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                yerr=[p[2] for p in points],
+                label=method,
+                marker="o",
+                capsize=3,
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("pruning ratio (%)")
+        ax.set_ylabel(benchmark.removeprefix("perplexity "))
+        ax.set_title(budget.split(" steps=")[0], fontsize=9)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"perplexity after pruning ({next(iter(panels))[0].split(' ', 2)[2]})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _provider_order(provider: str) -> tuple[float, int]:
     if provider == REFERENCE:
-        return (0.0, -1)
+        return (-1.0, -1)
     method, ratio = provider.rsplit(" ", 1)
-    return (float(ratio.rstrip("%")), list(METHODS).index(method) if method in METHODS else len(METHODS))
-
-
-def _ppl(value: str) -> str:
-    return f"{float(value):.2f}" if value else "–"
+    order = [FINETUNE, *METHODS]
+    return (float(ratio.rstrip("%")), order.index(method) if method in order else len(order))
 
 
 if __name__ == "__main__":

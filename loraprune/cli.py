@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from loraprune.config import CRITERIA, TAYLOR_IMPLS
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 CHECKPOINT_NAME = "checkpoint.safetensors"
 REPORT_NAME = "prune_report.json"
@@ -90,7 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ratio", type=_ratio, required=True, help="fraction of heads and channels to remove")
     prune.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps T")
     prune.add_argument("--out", required=True, metavar="OUT_DIR", help="where the pruned model is written")
-    prune.add_argument("--criterion", default="lora", choices=["lora", "taylor", "magnitude", "random"])
+    prune.add_argument(
+        "--criterion",
+        default="lora",
+        choices=list(CRITERIA),
+        help="importance: lora (LoRAPrune estimate), taylor (first-order Taylor of the weights), act "
+        "(first-order Taylor of heads/channels from activations), magnitude, random",
+    )
+    prune.add_argument(
+        "--taylor-impl",
+        default="fused",
+        choices=list(TAYLOR_IMPLS),
+        help="taylor: fused (from layer inputs and output gradients, no weight gradient) or "
+        "materialized (the frozen weights' gradients: more memory)",
+    )
+    prune.add_argument(
+        "--squared",
+        action="store_true",
+        help="squared element importance (lora, taylor); the per-sequence Fisher form for act",
+    )
     prune.add_argument(
         "--mode",
         default="iterative",
@@ -274,6 +294,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ranking=args.ranking,
         round_to=args.round_to,
         ema_decay=args.ema_decay,
+        taylor_impl=args.taylor_impl,
+        squared=args.squared,
         seed=args.seed,
     )
     run_config = RunConfig(

@@ -6,7 +6,10 @@ import math
 from dataclasses import asdict, dataclass
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CRITERIA = ("lora", "taylor", "magnitude", "random")
+CRITERIA = ("lora", "taylor", "act", "magnitude", "random")
+TAYLOR_IMPLS = ("fused", "materialized")
+# Criteria whose element importance has a squared form (``act``: its Fisher form).
+SQUARED_CRITERIA = ("lora", "taylor", "act")
 GQA_UNITS = ("kv_group", "q_head")
 RANKINGS = ("local", "global")
 
@@ -20,8 +23,13 @@ class LoraPruneConfig:
         ratio: target fraction of attention heads and of MLP channels removed in each pruned
             layer, in [0, 1).
         criterion: importance criterion: ``lora`` (LoRAPrune: from LoRA factors and their
-            gradients), ``taylor`` (LLM-Pruner first order: needs the frozen weights' gradients),
-            ``magnitude`` (L2 of the merged weights) or ``random`` (seeded).
+            gradients), ``taylor`` (LLM-Pruner first order, element-wise ``|∂L/∂W ⊙ W'|``),
+            ``act`` (structure-level first-order Taylor from the o_proj / down_proj inputs and
+            their gradients, in loss units), ``magnitude`` (L2 of the merged weights) or
+            ``random`` (seeded). See :mod:`loraprune.importance`.
+        taylor_impl: how ``taylor`` is computed: ``fused`` (from each layer's input and output
+            gradient during the backward, no weight gradient) or ``materialized`` (from the
+            frozen weights' real gradients, one out×in gradient per matrix).
         lora_r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling = alpha / r) and dropout.
         target_modules: projections that get LoRA adapters.
         prune_heads, prune_channels: prune attention heads and/or MLP channels.
@@ -35,12 +43,15 @@ class LoraPruneConfig:
         round_to: keep MLP channel counts at multiples of this (GEMMs are slow on unaligned
             sizes); applied when masks are chosen, so the masked and compacted models agree.
         ema_decay: λ of the moving average ``S ← λS + (1−λ)S_now``.
-        squared: element importance ``(G⊙W')²`` instead of ``|G⊙W'|``.
+        squared: element importance ``(G⊙W')²`` instead of ``|G⊙W'|`` (``lora``, ``taylor``);
+            for ``act`` its Fisher form, the per-sequence square. Meaningless for ``magnitude``
+            and ``random`` (rejected).
         seed: seeds the LoRA initialisation and the ``random`` criterion.
     """
 
     ratio: float = 0.5
     criterion: str = "lora"
+    taylor_impl: str = "fused"
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -64,6 +75,12 @@ class LoraPruneConfig:
             self.layers = tuple(int(i) for i in self.layers)
         check_ratio(self.ratio, "ratio")
         _check_choice("criterion", self.criterion, CRITERIA)
+        _check_choice("taylor_impl", self.taylor_impl, TAYLOR_IMPLS)
+        if self.squared and self.criterion not in SQUARED_CRITERIA:
+            raise ValueError(
+                f"squared has no meaning for criterion {self.criterion!r} (it applies to "
+                f"{', '.join(SQUARED_CRITERIA)})"
+            )
         _check_choice("gqa_unit", self.gqa_unit, GQA_UNITS)
         _check_choice("ranking", self.ranking, RANKINGS)
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
