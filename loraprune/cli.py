@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ema-decay", type=float, default=0.9)
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument(
+        "--quantize-base",
+        default=None,
+        choices=["int8", "nf4"],
+        help="hold the frozen weights in 8 or 4 bits (bitsandbytes) while LoRA stays fp32; the pruned "
+        "model is written dense in --dtype",
+    )
+    prune.add_argument(
         "--save-every", type=_non_negative_int, default=50, help="checkpoint period in steps (0: off)"
     )
     prune.add_argument(
@@ -167,13 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--eval-seq-len", type=_positive_int, default=512)
     prune.add_argument("--eval-max-windows", type=_positive_int, default=None)
-    prune.add_argument(
-        "--quantize-base",
-        default=None,
-        choices=["int8", "nf4"],
-        help="hold the frozen weights in 8 or 4 bits (bitsandbytes) while LoRA stays fp32; the pruned "
-        "model is written dense in --dtype",
-    )
     _add_runtime_flags(prune)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
@@ -297,6 +297,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         taylor_impl=args.taylor_impl,
         squared=args.squared,
         seed=args.seed,
+        quantize_base=args.quantize_base,
     )
     run_config = RunConfig(
         steps=args.steps,
@@ -334,7 +335,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         run.load_checkpoint()
         _say(args, f"resuming at step {run.step} of {run_config.steps}")
     summary = run.run(stop_after=args.stop_after)
-        quantize_base=args.quantize_base,
     if not summary.finished:
         _say(args, f"stopped after step {summary.steps_done}; continue with --resume")
         return 0

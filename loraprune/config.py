@@ -12,10 +12,10 @@ TAYLOR_IMPLS = ("fused", "materialized")
 SQUARED_CRITERIA = ("lora", "taylor", "act")
 GQA_UNITS = ("kv_group", "q_head")
 RANKINGS = ("local", "global")
+QUANTIZE_BASE = ("int8", "nf4")
 
 
 @dataclass
-QUANTIZE_BASE = ("int8", "nf4")
 class LoraPruneConfig:
     """Everything that decides how a model is adapted and pruned.
 
@@ -47,6 +47,9 @@ class LoraPruneConfig:
             for ``act`` its Fisher form, the per-sequence square. Meaningless for ``magnitude``
             and ``random`` (rejected).
         seed: seeds the LoRA initialisation and the ``random`` criterion.
+        quantize_base: hold the frozen projections in bitsandbytes ``int8`` (LLM.int8()) or
+            ``nf4`` layers while LoRA stays fp32 (see :mod:`loraprune.quantization`); ``None``:
+            as loaded (a model loaded quantized is taken over as it is).
     """
 
     ratio: float = 0.5
@@ -58,9 +61,6 @@ class LoraPruneConfig:
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
     prune_heads: bool = True
     prune_channels: bool = True
-        quantize_base: hold the frozen projections in bitsandbytes ``int8`` (LLM.int8()) or
-            ``nf4`` layers while LoRA stays fp32 (see :mod:`loraprune.quantization`); ``None``:
-            as loaded (a model loaded quantized is taken over as it is).
     gqa_unit: str = "kv_group"
     layers: tuple[int, ...] | None = None
     ranking: str = "local"
@@ -68,6 +68,7 @@ class LoraPruneConfig:
     ema_decay: float = 0.9
     squared: bool = False
     seed: int = 0
+    quantize_base: str | None = None
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -83,9 +84,10 @@ class LoraPruneConfig:
             )
         _check_choice("gqa_unit", self.gqa_unit, GQA_UNITS)
         _check_choice("ranking", self.ranking, RANKINGS)
+        if self.quantize_base is not None:
+            _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
             raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
-    quantize_base: str | None = None
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -101,8 +103,6 @@ class LoraPruneConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not (self.prune_heads or self.prune_channels):
             raise ValueError("prune_heads and prune_channels are both False: nothing to prune")
-        if self.quantize_base is not None:
-            _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
 
     @property
     def lora_scaling(self) -> float:

@@ -31,6 +31,7 @@ from torch import nn
 from loraprune import ops
 from loraprune.config import LoraPruneConfig
 from loraprune.nn import LoraPruneLinear
+from loraprune.quantization import QuantizedLoraPruneLinear
 from loraprune.structures import Member, StructureGroup
 
 
@@ -94,9 +95,12 @@ class ScoreCapture:
             x = x * module.in_mask.to(x.dtype)
         if module._out_masked:
             grad_y = grad_y * module.out_mask.to(grad_y.dtype)
-        rows, cols = ops.taylor_importance(
-            x, grad_y, module.weight, module.lora_A, module.lora_B, module.scaling, squared=self.squared
-        )
+        if isinstance(module, QuantizedLoraPruneLinear):  # W dequantized a row block at a time
+            rows, cols = module.taylor_importance(x, grad_y, squared=self.squared)
+        else:
+            rows, cols = ops.taylor_importance(
+                x, grad_y, module.weight, module.lora_A, module.lora_B, module.scaling, squared=self.squared
+            )
         self.buffer += rows if self.axis == "out" else cols
         self.backwards += 1
 
@@ -169,6 +173,13 @@ class ImportanceTracker:
                         "add its projections to target_modules"
                     )
         self.taylor_impl = config.taylor_impl
+        if self.needs_weight_grad and any(
+            isinstance(self._module(m), QuantizedLoraPruneLinear) for g in groups for m in g.members
+        ):
+            raise ValueError(
+                "taylor_impl 'materialized' needs the frozen weights' gradients, which a quantized "
+                "base (quantize_base) does not have; use taylor_impl 'fused'"
+            )
         self.captures: dict[str, ScoreCapture] = {}
         if self.criterion == "act":
             for group in groups:
@@ -242,6 +253,9 @@ class ImportanceTracker:
                     f"{member.path}: LoRA factors have no gradient; call update() after "
                     "backward() and before zero_grad()"
                 )
+            if isinstance(module, QuantizedLoraPruneLinear):  # W dequantized a row block at a time
+                rows, cols = module.lora_importance(squared=self.squared)
+                return rows if member.axis == "out" else cols
             rows, cols = ops.lora_importance(
                 module.weight,
                 module.lora_A,
@@ -263,6 +277,9 @@ class ImportanceTracker:
             element = module.weight.grad.float() * merged_weight(module)
             element = element.square() if self.squared else element.abs()
             return reduce_axis(element, member.axis)
+        if isinstance(module, QuantizedLoraPruneLinear):
+            rows, cols = module.magnitude_importance()
+            return rows if member.axis == "out" else cols
         return reduce_axis(merged_weight(module).square(), member.axis)  # magnitude
 
     def num_applied_updates(self) -> int:

@@ -180,7 +180,7 @@ def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.M
             if not takes_over_peft and (not isinstance(module, nn.Linear) or _is_peft_lora_layer(module)):
                 raise TypeError(
                     f"model: {path} is a {type(module).__name__}, expected nn.Linear "
-                    "(quantized or custom projections are not supported yet)"
+                    "(custom projections are not supported)"
                 )
             targets[path] = (name, module)
     if peft_adapter is not None:
@@ -190,6 +190,7 @@ def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.M
                 f"model: PEFT LoRA adapters outside the q/k/v/o/gate/up/down projections are not "
                 f"supported: {stray[:3]}"
             )
+    dense_dtype = model.get_input_embeddings().weight.dtype  # what a quantized base is merged back into
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)  # LoRA initialisation is reproducible from the config's seed
     try:
@@ -201,7 +202,7 @@ def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.M
                 new = LoraPruneLinear.from_peft(module, peft_adapter)
             else:
                 r = config.lora_r if name in config.target_modules else 0
-                new = LoraPruneLinear.from_linear(module, r, config.lora_alpha, config.lora_dropout)
+                new = _patched_linear(module, r, config, dense_dtype)
             model.set_submodule(path, new)
     finally:
         torch.random.set_rng_state(generator_state)
@@ -231,6 +232,20 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _patched_linear(
+    linear: nn.Linear, r: int, config: LoraPruneConfig, dense_dtype: torch.dtype
+) -> nn.Module:
+    """The patched projection: the base quantized with ``config.quantize_base``, or kept quantized
+    when it was loaded so (bitsandbytes is imported only then)."""
+    if config.quantize_base is None and not type(linear).__module__.startswith("bitsandbytes"):
+        return LoraPruneLinear.from_linear(linear, r, config.lora_alpha, config.lora_dropout)
+    from loraprune.quantization import QuantizedLoraPruneLinear
+
+    return QuantizedLoraPruneLinear.from_module(
+        linear, config.quantize_base, r, config.lora_alpha, config.lora_dropout, dense_dtype
+    )
+
+
 def _is_peft_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "get_base_layer") and hasattr(module, "scaling")
 
@@ -248,7 +263,8 @@ def _active_peft_adapter(model: nn.Module) -> str | None:
         raise ValueError(f"model: PEFT adapter {adapter!r} is {peft_type}, only LoRA can be taken over")
     for module in model.modules():
         if _is_peft_lora_layer(module) and adapter in module.lora_A:
-            if not isinstance(module.get_base_layer(), nn.Linear):
+            base = module.get_base_layer()
+            if not isinstance(base, nn.Linear) or type(base).__module__.startswith("bitsandbytes"):
                 raise TypeError(
                     f"model: PEFT LoRA on a {type(module.get_base_layer()).__name__} is not supported"
                 )

@@ -12,6 +12,7 @@ from loraprune.config import LoraPruneConfig, check_ratio
 from loraprune.importance import ImportanceTracker
 from loraprune.masks import global_prune_counts, grow_mask, prune_count
 from loraprune.nn import LoraPruneLinear, lora_modules, lora_parameters, patch_model
+from loraprune.quantization import QuantizedLoraPruneLinear
 from loraprune.structures import StructureGroup, build_groups
 
 
@@ -85,7 +86,7 @@ class LoraPruner:
         for member in group.members:
             module: LoraPruneLinear = self.model.get_submodule(member.path)
             size = module.out_features if member.axis == "out" else module.in_features
-            mask = keep.repeat_interleave(size // group.num_units).to(module.weight.device)
+            mask = keep.repeat_interleave(size // group.num_units).to(module.out_mask.device)
             module.set_masks(**{f"{member.axis}_mask": mask})
 
     def finish_scoring(self) -> None:
@@ -134,15 +135,18 @@ class LoraPruner:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(dense, kept) parameter counts, LoRA factors excluded; kept counts honour the masks."""
     patched = lora_modules(model)
-    lora_ids = {id(p) for m in patched.values() if m.lora_A is not None for p in (m.lora_A, m.lora_B)}
-    dense = kept = 0
-    for param in model.parameters():
-        if id(param) not in lora_ids:
-            dense += param.numel()
-            kept += param.numel()
+    # Projection weights count by their logical size (a quantized base stores packed codes).
+    skipped = {id(p) for m in patched.values() if m.lora_A is not None for p in (m.lora_A, m.lora_B)}
+    for module in patched.values():
+        weights = (
+            module.base.parameters() if isinstance(module, QuantizedLoraPruneLinear) else [module.weight]
+        )
+        skipped.update(id(p) for p in weights)
+    dense = kept = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
     for module in patched.values():
         rows, cols = int(module.out_mask.sum()), int(module.in_mask.sum())
-        kept -= module.weight.numel() - rows * cols
+        dense += module.out_features * module.in_features
+        kept += rows * cols
         if module.bias is not None:
             kept -= module.out_features - rows
     return dense, kept
