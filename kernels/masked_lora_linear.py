@@ -68,6 +68,7 @@ the autocast cast, the seed draw and the leading-shape flattening.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
@@ -81,12 +82,22 @@ from loraprune.kernels._utils import (
     padded_rank,
     tuning_configs,
 )
+from loraprune.ops.masked_lora_linear import (
+    K_TILE_WIDTHS,
+    MaskPlan,
+    enabled_fast_paths,
+    masked_lora_linear_plan,
+)
 
 # Largest rank block held in registers; larger ranks loop over blocks of this size.
 MAX_RANK_BLOCK = 64
 # The compact D (see the module docstring) is zero for this many slots after its kept prefix, so
 # that the kernels reading it run their last tile (at most this wide) past the prefix with no mask.
 COMPACT_TAIL = tl.constexpr(128)
+# The plan's K-tile widths (loraprune.ops.masked_lora_linear.K_TILE_WIDTHS): powers of two from 16.
+K_TILE_MIN_WIDTH = tl.constexpr(K_TILE_WIDTHS[0])
+K_TILE_WIDTH_COUNT = tl.constexpr(len(K_TILE_WIDTHS))
+assert tuple(K_TILE_WIDTHS[0] << i for i in range(len(K_TILE_WIDTHS))) == K_TILE_WIDTHS
 
 
 @triton.jit
@@ -102,10 +113,66 @@ def _dropout_keep(seed_ptr, rows, cols, dropout_p):
 
 
 @triton.jit
-def _keep_mask_kernel(seed_ptr, out_ptr, M, Q, dropout_p, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _dropout_keep4(seed_ptr, rows, col0, dropout_p, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Keep-mask of LoRA dropout for X's tile ``rows × [col0, col0 + BLOCK_Q)`` (``col0`` a multiple
+    of 4), the ``dropout_bits`` path: one 7-round philox call per 4 columns, all four outputs used
+    (column ``4g + j`` takes output ``j`` of the call keyed by the group ``g`` and the row)."""
+    seed = tl.load(seed_ptr)
+    groups = col0 // 4 + tl.arange(0, BLOCK_Q // 4)
+    group_counter = (rows[:, None] * 0 + groups[None, :]).to(tl.uint32)
+    row_counter = (rows[:, None] + groups[None, :] * 0).to(tl.uint32)
+    zero = group_counter * 0
+    r0, r1, r2, r3 = tl.philox(seed, group_counter, row_counter, zero, zero, n_rounds=7)
+    # join(join(r0, r2), join(r1, r3))[..., i, j] is r_{2i+j}: row-major flattening interleaves them.
+    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_Q))
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """A (BLOCK_M × BLOCK_Q) keep-mask as bytes (BLOCK_M × BLOCK_Q/8), column ``c`` at bit ``c % 8``."""
+    grouped = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_Q // 8, 8))
+    return tl.sum(grouped << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _load_keep_bits(
+    bits_ptr, rows, row_ok, stride_bm, col0, num_cols, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr
+):
+    """The stored keep-mask of X's tile ``rows × [col0, col0 + BLOCK_Q)`` (``col0`` a multiple of 8)."""
+    byte_cols = col0 // 8 + tl.arange(0, BLOCK_Q // 8)
+    packed = tl.load(
+        bits_ptr + rows[:, None] * stride_bm + byte_cols[None, :],
+        mask=row_ok[:, None] & (byte_cols < tl.cdiv(num_cols, 8))[None, :],
+        other=0,
+    )
+    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_Q)) != 0
+
+
+@triton.jit
+def _kept_tiles(tiles_ptr, tile_counts_ptr, Q, BLOCK_Q: tl.constexpr):
+    """The kept K tiles of width BLOCK_Q in a plan (:class:`~loraprune.ops.masked_lora_linear.MaskPlan`):
+    a pointer to their list and their count. The lists of the narrower widths come first."""
+    offset = Q * 0
+    index = Q * 0
+    for i in tl.static_range(K_TILE_WIDTH_COUNT):
+        if (K_TILE_MIN_WIDTH << i) < BLOCK_Q:
+            offset += tl.cdiv(Q, K_TILE_MIN_WIDTH << i)
+            index += 1
+    return tiles_ptr + offset, tl.load(tile_counts_ptr + index)
+
+
+@triton.jit
+def _keep_mask_kernel(
+    seed_ptr, out_ptr, M, Q, dropout_p, PHILOX4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    keep = _dropout_keep(seed_ptr, offs_m, offs_q, dropout_p)
+    if PHILOX4:
+        keep = _dropout_keep4(seed_ptr, offs_m, tl.program_id(1) * BLOCK_Q, dropout_p, BLOCK_M, BLOCK_Q)
+    else:
+        keep = _dropout_keep(seed_ptr, offs_m, offs_q, dropout_p)
     inside = (offs_m < M)[:, None] & (offs_q < Q)[None, :]
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * Q + offs_q[None, :], keep.to(tl.int8), mask=inside)
 
@@ -123,14 +190,26 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, Q, dropout_p, BLOCK_M: tl.constexpr,
         ],
         triton.Config({"BLOCK_M": 32, "BLOCK_Q": 32}),
     ),
-    key=["m_bucket", "Q", "R", "HAS_MASK", "COMPACT", "LORA_DROPOUT", "DOT_PRECISION", "KIND"],
+    key=[
+        "m_bucket",
+        "Q",
+        "R",
+        "HAS_MASK",
+        "COMPACT",
+        "K_TILES",
+        "LORA_DROPOUT",
+        "STORE_BITS",
+        "DOT_PRECISION",
+        "KIND",
+    ],
 )
 @triton.jit
 def _lora_down_kernel(
-    l_ptr, f_ptr, mask_ptr, seed_ptr, out_ptr, lk_ptr,
+    l_ptr, f_ptr, mask_ptr, tiles_ptr, tile_counts_ptr, seed_ptr, out_ptr, lk_ptr, bits_ptr,
     M, Q, R, m_bucket, dropout_p, keep_scale,
-    stride_lm, stride_lq, stride_fr, stride_fq, stride_om, stride_or, stride_km, stride_kq,
-    HAS_MASK: tl.constexpr, COMPACT: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_lm, stride_lq, stride_fr, stride_fq, stride_om, stride_or, stride_km, stride_kq, stride_bm,
+    HAS_MASK: tl.constexpr, COMPACT: tl.constexpr, K_TILES: tl.constexpr, LORA_DROPOUT: tl.constexpr,
+    STORE_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
     """``out[M, R] = (L ⊙ mask ⊙ drop) · Fᵀ`` for ``L`` (M×Q) and ``F`` (R×Q): the skinny LoRA
@@ -138,18 +217,27 @@ def _lora_down_kernel(
     ``COMPACT`` the kept columns of L are also written to ``LK`` (M×Q) in kept-first order, column
     ``q`` at slot "kept columns before q" (its index in :func:`kept_first`'s order), so that L is
     read once, densely; the ``COMPACT_TAIL`` slots after the kept ones are zeroed, the rest of LK
-    is left unwritten."""
+    is left unwritten. With ``K_TILES`` the loop runs over the plan's kept K tiles only (tiles
+    with every feature masked add zero). With ``STORE_BITS`` the dropout keep-mask comes from
+    :func:`_dropout_keep4` and is also stored, one bit per element, for the backward (bits of
+    skipped tiles stay unwritten: those features are masked wherever the bits are read)."""
+    tl.static_assert(not (K_TILES and COMPACT))
+    tl.static_assert(LORA_DROPOUT or not STORE_BITS)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_q = tl.arange(0, BLOCK_Q)
     rows = offs_m.to(tl.int64)
     row_ok = offs_m < M
     rank_ok = offs_r < R
-    # One program per row block writes LK, not one per rank block.
+    # One program per row block writes LK and the keep bits, not one per rank block.
     compact_ok = offs_m < M * (tl.program_id(1) == 0).to(tl.int32)
     kept_before = tl.zeros((), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
+    num_tiles = tl.cdiv(Q, BLOCK_Q)
+    if K_TILES:
+        tile_list, num_tiles = _kept_tiles(tiles_ptr, tile_counts_ptr, Q, BLOCK_Q)
+    for tile in range(0, num_tiles):
+        q0 = tl.load(tile_list + tile) * BLOCK_Q if K_TILES else tile * BLOCK_Q
         cols = q0 + offs_q
         col_ok = cols < Q
         lhs = tl.load(
@@ -172,7 +260,16 @@ def _lora_down_kernel(
                 )
                 kept_before += tl.sum(kept, axis=0)
         if LORA_DROPOUT:
-            keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
+            if STORE_BITS:
+                keep = _dropout_keep4(seed_ptr, offs_m, q0, dropout_p, BLOCK_M, BLOCK_Q)
+                byte_cols = q0 // 8 + tl.arange(0, BLOCK_Q // 8)
+                tl.store(
+                    bits_ptr + rows[:, None] * stride_bm + byte_cols[None, :],
+                    _pack_keep(keep, BLOCK_M, BLOCK_Q),
+                    mask=compact_ok[:, None] & (byte_cols < tl.cdiv(Q, 8))[None, :],
+                )
+            else:
+                keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
             lhs = tl.where(keep, (lhs.to(tl.float32) * keep_scale).to(lhs.dtype), 0.0)
         rhs = tl.load(
             f_ptr + offs_r[None, :] * stride_fr + cols[:, None] * stride_fq,
@@ -222,20 +319,22 @@ def _gemm_config(block_m: int, block_p: int, block_q: int, num_warps: int, num_s
         "Q_GATHER",
         "HAS_PMASK",
         "P_GATHER",
+        "Q_TILES",
         "LORA_DROPOUT",
+        "KEEP_BITS",
         "DOT_PRECISION",
         "KIND",
     ],
 )
 @triton.jit
 def _masked_lora_gemm_kernel(
-    l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr,
-    pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, out_ptr,
+    l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr, q_tile_counts_ptr,
+    pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
     M, P, Q, R, m_bucket, scaling, dropout_p, keep_scale,
     stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
-    stride_om, stride_op,
-    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr,
-    HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr,
+    stride_om, stride_op, stride_bm,
+    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr, Q_TILES: tl.constexpr,
+    HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KIND: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -248,7 +347,12 @@ def _masked_lora_gemm_kernel(
     kept-first permutation: ``Q_GATHER``: the K loop runs over the kept prefix only, on an ``L``
     whose columns already are in that order (the compact D, zero for ``COMPACT_TAIL`` columns
     after the kept ones) and on Rt's rows gathered by index;
-    ``P_GATHER``: column tiles are blocks of the permutation (see the module docstring)."""
+    ``P_GATHER``: column tiles are blocks of the permutation (see the module docstring).
+    ``Q_TILES`` (with ``HAS_QMASK``): the K loop runs over the plan's kept K tiles only.
+    ``KEEP_BITS``: the dropout keep-mask is read from the bits the forward stored (dX), not
+    recomputed; its columns are the output columns, so they must not be gathered."""
+    tl.static_assert(not (KEEP_BITS and P_GATHER))
+    tl.static_assert(HAS_QMASK or not Q_TILES)
     # Grouped program order: GROUP_M row blocks sweep the column blocks together, for L2 reuse.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -300,7 +404,10 @@ def _masked_lora_gemm_kernel(
         )
         acc = tl.dot(h, (f.to(tl.float32) * scaling).to(h.dtype), acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
-        keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
+        if KEEP_BITS:
+            keep = _load_keep_bits(bits_ptr, rows, row_ok, stride_bm, pid_p * BLOCK_P, P, BLOCK_M, BLOCK_P)
+        else:
+            keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
 
     q_len = Q
@@ -308,26 +415,45 @@ def _masked_lora_gemm_kernel(
         tl.static_assert(BLOCK_Q <= COMPACT_TAIL)
         q_len = tl.load(q_count_ptr).to(tl.int32)
     offs_q = tl.arange(0, BLOCK_Q)
-    l_ptrs = l_ptr + rows[:, None] * stride_lm + offs_q[None, :] * stride_lq
-    rt_ptrs = rt_ptr + offs_q[:, None] * stride_rq + cols[None, :] * stride_rp
-    for q0 in range(0, q_len * live, BLOCK_Q):
-        q_positions = q0 + offs_q
-        q_ok = q_positions < q_len
-        # L's load mask has a static bound, so that the loads stay vectorised: with Q_GATHER, L is
-        # the compact D, in kept-first order and zero for COMPACT_TAIL columns past the prefix.
-        lhs = tl.load(l_ptrs, mask=row_ok[:, None] & (q_positions < Q)[None, :], other=0.0)
-        if HAS_QMASK:  # on the tile, not the load mask: keeps the loads vectorised
+    if Q_TILES:  # K tiles by index, from the plan's list of those holding a kept feature
+        tile_list, num_tiles = _kept_tiles(q_tiles_ptr, q_tile_counts_ptr, Q, BLOCK_Q)
+        for tile in range(0, num_tiles * live):
+            q_positions = tl.load(tile_list + tile) * BLOCK_Q + offs_q
+            q_ok = q_positions < Q
+            lhs = tl.load(
+                l_ptr + rows[:, None] * stride_lm + q_positions[None, :] * stride_lq,
+                mask=row_ok[:, None] & q_ok[None, :],
+                other=0.0,
+            )
             q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
             lhs = tl.where(q_keep[None, :], lhs, 0.0)
-        if Q_GATHER:  # Rt's rows by index: W's rows, contiguous along the tile's columns (coalesced)
-            ks = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
-            rhs_ptrs = rt_ptr + ks[:, None] * stride_rq + cols[None, :] * stride_rp
-            rhs = tl.load(rhs_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
-        else:
-            rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
-            rt_ptrs += BLOCK_Q * stride_rq
-        l_ptrs += BLOCK_Q * stride_lq
-        acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+            rhs = tl.load(
+                rt_ptr + q_positions[:, None] * stride_rq + cols[None, :] * stride_rp,
+                mask=q_ok[:, None] & col_load[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+    else:
+        l_ptrs = l_ptr + rows[:, None] * stride_lm + offs_q[None, :] * stride_lq
+        rt_ptrs = rt_ptr + offs_q[:, None] * stride_rq + cols[None, :] * stride_rp
+        for q0 in range(0, q_len * live, BLOCK_Q):
+            q_positions = q0 + offs_q
+            q_ok = q_positions < q_len
+            # L's load mask has a static bound, so that the loads stay vectorised: with Q_GATHER, L is
+            # the compact D, in kept-first order and zero for COMPACT_TAIL columns past the prefix.
+            lhs = tl.load(l_ptrs, mask=row_ok[:, None] & (q_positions < Q)[None, :], other=0.0)
+            if HAS_QMASK:  # on the tile, not the load mask: keeps the loads vectorised
+                q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
+                lhs = tl.where(q_keep[None, :], lhs, 0.0)
+            if Q_GATHER:  # Rt's rows by index: W's rows, contiguous along the tile's columns (coalesced)
+                ks = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
+                rhs_ptrs = rt_ptr + ks[:, None] * stride_rq + cols[None, :] * stride_rp
+                rhs = tl.load(rhs_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+            else:
+                rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+                rt_ptrs += BLOCK_Q * stride_rq
+            l_ptrs += BLOCK_Q * stride_lq
+            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
@@ -350,14 +476,15 @@ def _masked_lora_gemm_kernel(
         ],
         triton.Config({"BLOCK_P": 32, "BLOCK_M": 32}),
     ),
-    key=["m_bucket", "P", "R", "HAS_MASK", "GATHER", "LORA_DROPOUT", "DOT_PRECISION", "KIND"],
+    key=["m_bucket", "P", "R", "HAS_MASK", "GATHER", "LORA_DROPOUT", "KEEP_BITS", "DOT_PRECISION", "KIND"],
 )
 @triton.jit
 def _lora_grad_kernel(
-    l_ptr, h_ptr, mask_ptr, order_ptr, count_ptr, seed_ptr, out_ptr,
+    l_ptr, h_ptr, mask_ptr, order_ptr, count_ptr, seed_ptr, bits_ptr, out_ptr,
     M, P, R, m_bucket, scaling, dropout_p, keep_scale,
-    stride_lm, stride_lp, stride_hm, stride_hr, stride_op, stride_or,
-    HAS_MASK: tl.constexpr, GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_lm, stride_lp, stride_hm, stride_hr, stride_op, stride_or, stride_bm,
+    HAS_MASK: tl.constexpr, GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """``out[P, R] = s · (L ⊙ mask ⊙ drop)ᵀ · H``, reducing over the M tokens, for ``L`` (M×P) and
@@ -366,7 +493,9 @@ def _lora_grad_kernel(
     program takes a block of that order and stores its rows at their indices, the masked ones as
     zeros without any work) and ``dA`` (stored transposed)
     ``= s·drop(X⊙m_in)ᵀ G`` (``HAS_MASK``: masked rows zeroed, blocks with no kept row skip the
-    loop). Each program owns a block of output rows, so no atomics are needed."""
+    loop). Each program owns a block of output rows, so no atomics are needed. ``KEEP_BITS``: the
+    dropout keep-mask is read from the bits the forward stored (dA), not recomputed."""
+    tl.static_assert(not (KEEP_BITS and GATHER))
     positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_m = tl.arange(0, BLOCK_M)
@@ -395,7 +524,11 @@ def _lora_grad_kernel(
             other=0.0,
         )
         if LORA_DROPOUT:
-            keep = _dropout_keep(seed_ptr, tokens, p_idx, dropout_p)
+            if KEEP_BITS:
+                col0 = tl.program_id(0) * BLOCK_P
+                keep = _load_keep_bits(bits_ptr, rows, m_ok, stride_bm, col0, P, BLOCK_M, BLOCK_P)
+            else:
+                keep = _dropout_keep(seed_ptr, tokens, p_idx, dropout_p)
             lhs = tl.where(keep, (lhs.to(tl.float32) * keep_scale).to(lhs.dtype), 0.0)
         h = tl.load(
             h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
@@ -413,6 +546,107 @@ def _lora_grad_kernel(
     )
 
 
+# Decode: at most DECODE_MAX_ROWS tokens, one block of rows. Narrow column tiles give enough
+# programs (4096/32 = 128 on 132 SMs is the smallest LLaMA-7B case), and each program streams its
+# W rows along K once; no split-K, so no atomics, no workspace and no second launch.
+DECODE_MAX_ROWS = 16
+
+
+@triton.autotune(
+    configs=tuning_configs(
+        [
+            triton.Config({"BLOCK_P": 16, "BLOCK_Q": 256}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_P": 32, "BLOCK_Q": 256}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_warps=4, num_stages=5),
+            triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_warps=4, num_stages=4),
+        ],
+        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32}),
+    ),
+    key=["P", "Q", "R", "HAS_BIAS", "HAS_QMASK", "P_GATHER", "DOT_PRECISION"],
+)
+@triton.jit
+def _decode_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, qmask_ptr, p_order_ptr, p_count_ptr, out_ptr, h_ptr,
+    M, P, Q, R, scaling,
+    stride_xm, stride_xq, stride_wp, stride_wq, stride_ar, stride_aq, stride_bp, stride_br,
+    stride_om, stride_op, stride_hm, stride_hr,
+    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    """The forward for M <= BLOCK_M tokens in one launch: each program owns BLOCK_P output columns
+    and, in the same K loop over X's tiles, accumulates ``(X⊙m_in) Wᵀ`` and the LoRA
+    down-projection ``H = (X⊙m_in) Aᵀ`` (recomputed per program from A, which is r/BLOCK_P of its
+    W traffic and L2-resident), then adds ``s·H Bᵀ``, the bias and the output mask (``P_GATHER``:
+    kept-first column tiles as in the GEMM). Program 0 stores H for the backward."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    row_ok = offs_m < M
+    positions = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    col_ok = positions < P
+    live = 1
+    if P_GATHER:
+        cols = tl.load(p_order_ptr + positions, mask=col_ok, other=0)
+        num_kept = tl.load(p_count_ptr).to(tl.int32)
+        col_keep = positions < num_kept
+        live = (pid * BLOCK_P < num_kept).to(tl.int32)
+        col_load = col_keep
+    else:
+        cols = positions
+        col_load = col_ok
+    runs = live | (pid == 0).to(tl.int32)  # program 0 computes H even when its columns are masked
+    offs_r = tl.arange(0, BLOCK_R)
+    rank_ok = offs_r < R
+    offs_q = tl.arange(0, BLOCK_Q)
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for q0 in range(0, Q * runs, BLOCK_Q):
+        ks = q0 + offs_q
+        k_ok = ks < Q
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xq,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if HAS_QMASK:
+            x = tl.where((tl.load(qmask_ptr + ks, mask=k_ok, other=0) != 0)[None, :], x, 0.0)
+        w = tl.load(
+            w_ptr + ks[:, None] * stride_wq + cols[None, :] * stride_wp,
+            mask=k_ok[:, None] & col_load[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + ks[:, None] * stride_aq + offs_r[None, :] * stride_ar,
+            mask=k_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        hidden = tl.dot(x, a.to(x.dtype), hidden, input_precision=DOT_PRECISION)
+    # H rounds to the compute dtype before the up-projection, as in the two-launch path.
+    hidden = hidden.to(out_ptr.dtype.element_ty)
+    b = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bp,
+        mask=rank_ok[:, None] & col_load[None, :],
+        other=0.0,
+    )
+    acc = tl.dot(hidden, (b.to(tl.float32) * scaling).to(hidden.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
+    if P_GATHER:
+        acc = tl.where(col_keep[None, :], acc, 0.0)
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if pid == 0:
+        tl.store(
+            h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+            hidden,
+            mask=row_ok[:, None] & rank_ok[None, :],
+        )
+
+
 class KeptFirst(NamedTuple):
     """A keep-mask as a permutation of its axis: ``order`` (int64) lists the kept indices in
     ascending order, then the masked ones; ``count``, a 0-d int64 tensor on the same device, is the
@@ -422,15 +656,18 @@ class KeptFirst(NamedTuple):
     count: torch.Tensor
 
 
-def kept_first(mask: torch.Tensor) -> KeptFirst:
-    """The :class:`KeptFirst` permutation of a bool keep-mask, computed on its device without a host
-    synchronisation: a stable sort of one byte per feature and a sum, negligible against a GEMM."""
-    return KeptFirst(torch.argsort(mask.logical_not().view(torch.uint8), stable=True), mask.sum())
+class KeptTiles(NamedTuple):
+    """An input mask applied to the loaded tiles, with a plan's lists of the K tiles holding a kept
+    feature (``in_tiles``/``in_tile_counts`` of a :class:`MaskPlan`): the K loops visit those only."""
+
+    mask: torch.Tensor
+    tiles: torch.Tensor
+    counts: torch.Tensor
 
 
-# A mask along one kernel axis: a bool keep-mask applied to the loaded tiles, a KeptFirst gathered
-# through, or None (every index kept, no indirection).
-AxisMask = torch.Tensor | KeptFirst | None
+# A mask along one kernel axis: a bool keep-mask applied to the loaded tiles (KeptTiles: and its
+# kept K tiles), a KeptFirst gathered through, or None (every index kept, no indirection).
+AxisMask = torch.Tensor | KeptTiles | KeptFirst | None
 
 
 def _axis_args(mask: AxisMask, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -441,7 +678,14 @@ def _axis_args(mask: AxisMask, placeholder: torch.Tensor) -> tuple[torch.Tensor,
         return placeholder, mask.order, mask.count
     if mask is None:
         return placeholder, placeholder, placeholder
+    if isinstance(mask, KeptTiles):
+        mask = mask.mask
     return mask.view(torch.uint8), placeholder, placeholder
+
+
+def _tile_args(mask: AxisMask, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel arguments ``(tiles, tile_counts)`` for ``mask`` (placeholders unless KeptTiles)."""
+    return (mask.tiles, mask.counts) if isinstance(mask, KeptTiles) else (placeholder, placeholder)
 
 
 def _keep_scale(dropout_p: float) -> float:
@@ -451,31 +695,36 @@ def _keep_scale(dropout_p: float) -> float:
 def _lora_down(
     lhs: torch.Tensor,
     f: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | KeptTiles | None,
     seed: torch.Tensor | None,
     dropout_p: float,
     kind: str,
     compact: bool = False,
+    bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lhs ⊙ mask ⊙ drop) · Fᵀ`` (M×r) in ``lhs.dtype``, for ``lhs`` (M×Q) and ``f`` (r×Q, any
     strides), and, with ``compact``, ``lhs⊙mask`` with its kept columns in kept-first order (M×Q:
-    zero for ``COMPACT_TAIL`` columns after the kept ones, then unwritten), else ``lhs`` itself."""
+    zero for ``COMPACT_TAIL`` columns after the kept ones, then unwritten), else ``lhs`` itself.
+    With ``bits`` (uint8, M×⌈Q/8⌉) the dropout keep-mask is stored there (``dropout_bits`` path)."""
     num_rows, reduce_len = lhs.shape
     rank = f.shape[0]
     out = torch.empty((num_rows, rank), device=lhs.device, dtype=lhs.dtype)
     lhs_kept = torch.empty_like(lhs) if compact else lhs
+    bits_arg = lhs if bits is None else bits
     block_r = padded_rank(rank, MAX_RANK_BLOCK)
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r)
 
     _lora_down_kernel[grid](
-        lhs, f, _axis_args(mask, lhs)[0], lhs if seed is None else seed, out, lhs_kept,
+        lhs, f, _axis_args(mask, lhs)[0], *_tile_args(mask, lhs), lhs if seed is None else seed, out, lhs_kept,
+        bits_arg,
         num_rows, reduce_len, rank, m_bucket(num_rows), dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), f.stride(0), f.stride(1), out.stride(0), out.stride(1),
-        lhs_kept.stride(0), lhs_kept.stride(1),
-        HAS_MASK=mask is not None, COMPACT=compact,
-        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind, BLOCK_R=block_r,
+        lhs_kept.stride(0), lhs_kept.stride(1), bits_arg.stride(0),
+        HAS_MASK=mask is not None, COMPACT=compact, K_TILES=isinstance(mask, KeptTiles),
+        LORA_DROPOUT=seed is not None, STORE_BITS=bits is not None,
+        DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind, BLOCK_R=block_r,
     )  # fmt: skip
     return out, lhs_kept
 
@@ -489,23 +738,27 @@ def _lora_grad(
     seed: torch.Tensor | None,
     dropout_p: float,
     kind: str,
+    bits: torch.Tensor | None = None,
 ) -> None:
     """Write ``s · (lhs ⊙ mask ⊙ drop)ᵀ · hidden`` into ``out`` (P×r, any strides: a transposed view
     writes the transpose); with a gathered mask ``lhs`` comes in kept-first order (from
-    :func:`_lora_down`)."""
+    :func:`_lora_down`); with ``bits`` the dropout keep-mask is read from the forward's bits."""
     num_rows, num_cols = lhs.shape
     rank = hidden.shape[1]
     block_r = padded_rank(rank, MAX_RANK_BLOCK)
+    bits_arg = lhs if bits is None else bits
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(num_cols, meta["BLOCK_P"]), triton.cdiv(rank, block_r)
 
     _lora_grad_kernel[grid](
-        lhs, hidden, *_axis_args(mask, lhs), lhs if seed is None else seed, out,
+        lhs, hidden, *_axis_args(mask, lhs), lhs if seed is None else seed, bits_arg, out,
         num_rows, num_cols, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), hidden.stride(0), hidden.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=isinstance(mask, torch.Tensor), GATHER=isinstance(mask, KeptFirst),
-        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind, BLOCK_R=block_r,
+        bits_arg.stride(0),
+        HAS_MASK=isinstance(mask, (torch.Tensor, KeptTiles)), GATHER=isinstance(mask, KeptFirst),
+        LORA_DROPOUT=seed is not None, KEEP_BITS=bits is not None, DOT_PRECISION=dot_precision(lhs.dtype),
+        KIND=kind, BLOCK_R=block_r,
     )  # fmt: skip
 
 
@@ -521,30 +774,66 @@ def _masked_gemm(
     seed: torch.Tensor | None,
     dropout_p: float,
     kind: str,
+    bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``((lhs⊙q_mask) Rt + s·(hidden F)⊙drop + bias) ⊙ p_mask`` (M×P) in ``lhs.dtype``, for ``lhs``
     (M×Q), ``rt`` (Q×P), ``hidden`` (M×r) and ``f`` (r×P); ``rt`` and ``f`` may be transposed views.
-    With a gathered ``q_mask``, ``lhs`` comes in kept-first order (from :func:`_lora_down`)."""
+    With a gathered ``q_mask``, ``lhs`` comes in kept-first order (from :func:`_lora_down`); with
+    ``bits`` the dropout keep-mask (over the output columns) is read from the forward's bits."""
     num_rows, reduce_len = lhs.shape
     rank, num_cols = f.shape
     out = torch.empty((num_rows, num_cols), device=lhs.device, dtype=lhs.dtype)
+    bits_arg = lhs if bits is None else bits
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_P"]),)
 
     _masked_lora_gemm_kernel[grid](
-        lhs, rt, hidden, f, lhs if bias is None else bias, *_axis_args(q_mask, lhs), *_axis_args(p_mask, lhs),
-        lhs if seed is None else seed, out,
+        lhs, rt, hidden, f, lhs if bias is None else bias, *_axis_args(q_mask, lhs), *_tile_args(q_mask, lhs),
+        *_axis_args(p_mask, lhs), lhs if seed is None else seed, bits_arg, out,
         num_rows, num_cols, reduce_len, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), rt.stride(0), rt.stride(1), hidden.stride(0), hidden.stride(1),
-        f.stride(0), f.stride(1), out.stride(0), out.stride(1),
+        f.stride(0), f.stride(1), out.stride(0), out.stride(1), bits_arg.stride(0),
         HAS_BIAS=bias is not None,
-        HAS_QMASK=isinstance(q_mask, torch.Tensor), Q_GATHER=isinstance(q_mask, KeptFirst),
+        HAS_QMASK=isinstance(q_mask, (torch.Tensor, KeptTiles)), Q_GATHER=isinstance(q_mask, KeptFirst),
+        Q_TILES=isinstance(q_mask, KeptTiles),
         HAS_PMASK=isinstance(p_mask, torch.Tensor), P_GATHER=isinstance(p_mask, KeptFirst),
-        LORA_DROPOUT=seed is not None, DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind,
-        BLOCK_R=padded_rank(rank, MAX_RANK_BLOCK),
+        LORA_DROPOUT=seed is not None, KEEP_BITS=bits is not None, DOT_PRECISION=dot_precision(lhs.dtype),
+        KIND=kind, BLOCK_R=padded_rank(rank, MAX_RANK_BLOCK),
     )  # fmt: skip
     return out
+
+
+def _decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    in_mask: torch.Tensor | None,
+    out_kept: KeptFirst | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward ``(Y, H)`` for at most :data:`DECODE_MAX_ROWS` tokens in one launch."""
+    num_rows, in_features = x.shape
+    out_features, rank = weight.shape[0], lora_a.shape[0]
+    y = torch.empty((num_rows, out_features), device=x.device, dtype=x.dtype)
+    hidden = torch.empty((num_rows, rank), device=x.device, dtype=x.dtype)
+    _, order, count = _axis_args(out_kept, x)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(out_features, meta["BLOCK_P"]),)
+
+    _decode_kernel[grid](
+        x, weight, lora_a, lora_b, x if bias is None else bias, x if in_mask is None else in_mask.view(torch.uint8),
+        order, count, y, hidden,
+        num_rows, out_features, in_features, rank, scaling,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), hidden.stride(0), hidden.stride(1),
+        HAS_BIAS=bias is not None, HAS_QMASK=in_mask is not None, P_GATHER=out_kept is not None,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=padded_rank(rank), BLOCK_M=DECODE_MAX_ROWS,
+    )  # fmt: skip
+    return y, hidden
 
 
 def _contiguous(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -555,6 +844,22 @@ def _contiguous(mask: torch.Tensor | None) -> torch.Tensor | None:
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Activations need a unit stride along features for coalesced loads; other strides are fine."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _out_kept(
+    out_mask: torch.Tensor | None, out_order: torch.Tensor | None, out_count: torch.Tensor | None
+) -> KeptFirst | None:
+    """The output mask as the kernels gather it: the given kept-first order, else computed here."""
+    if out_mask is None:
+        return None
+    if out_order is None:
+        return KeptFirst(*masked_lora_linear_plan(out_mask, None)[2:4])
+    return KeptFirst(out_order, out_count)
+
+
+def _keep_bits_shape(x: torch.Tensor, keep_bits: bool, seed: torch.Tensor | None) -> tuple[int, ...]:
+    """Shape of the stored dropout keep-mask: one bit per element of X, or empty when not stored."""
+    return (x.shape[0], triton.cdiv(x.shape[1], 8)) if keep_bits and seed is not None else (0,)
 
 
 @torch.library.custom_op("loraprune::masked_lora_linear", mutates_args=())
@@ -569,23 +874,44 @@ def masked_lora_linear_op(
     in_mask: torch.Tensor | None,
     dropout_p: float,
     seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    out_order: torch.Tensor | None = None,
+    out_count: torch.Tensor | None = None,
+    in_tiles: torch.Tensor | None = None,
+    in_tile_counts: torch.Tensor | None = None,
+    keep_bits: bool = False,
+    decode: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on 2-D ``x`` (M×in) in ``weight.dtype``; dropout is on iff ``seed`` is given.
 
-    Returns ``Y`` and the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses.
+    ``out_order``/``out_count`` and ``in_tiles``/``in_tile_counts`` come from a
+    :class:`~loraprune.ops.masked_lora_linear.MaskPlan` of the masks (the kept-first order is
+    computed here when not given; without the tile lists the K loops visit every tile).
+    ``keep_bits`` stores the dropout keep-mask for the backward; ``decode`` takes the one-launch
+    path for M <= 16 tokens without dropout.
+
+    Returns ``Y``, the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses, and the
+    keep bits (uint8, M×⌈in/8⌉; empty unless stored).
     """
     x = _rows_contiguous(x)
     out_mask, in_mask = _contiguous(out_mask), _contiguous(in_mask)
-    if x.shape[0] == 0:  # no launch: autotuning an empty grid would keep its pick for M <= 16
-        return x.new_empty((0, weight.shape[0])), x.new_empty((0, lora_a.shape[0]))
+    num_rows, rank = x.shape[0], lora_a.shape[0]
+    bits = x.new_empty(_keep_bits_shape(x, keep_bits, seed), dtype=torch.uint8)
+    if num_rows == 0:  # no launch: autotuning an empty grid would keep its pick for M <= 16
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0, rank)), bits
     with device_guard(x.device):
-        out_kept = None if out_mask is None else kept_first(out_mask)
-        hidden, _ = _lora_down(x, lora_a, in_mask, seed, dropout_p, "h")
+        out_kept = _out_kept(out_mask, out_order, out_count)
+        if decode and num_rows <= DECODE_MAX_ROWS and seed is None and rank <= MAX_RANK_BLOCK:
+            y, hidden = _decode(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_kept)
+            return y, hidden, bits
+        q_mask = (
+            in_mask if in_tiles is None or in_mask is None else KeptTiles(in_mask, in_tiles, in_tile_counts)
+        )
+        hidden, _ = _lora_down(x, lora_a, q_mask, seed, dropout_p, "h", bits=bits if bits.numel() else None)
         # Transposed views (no copies) give the GEMM its (Q×P) and (r×P) operands.
         y = _masked_gemm(
-            x, weight.t(), hidden, lora_b.t(), scaling, bias, in_mask, out_kept, None, 0.0, "forward"
+            x, weight.t(), hidden, lora_b.t(), scaling, bias, q_mask, out_kept, None, 0.0, "forward"
         )
-    return y, hidden
+    return y, hidden, bits
 
 
 @torch.library.custom_op("loraprune::masked_lora_linear_backward", mutates_args=())
@@ -601,11 +927,15 @@ def masked_lora_linear_backward_op(
     in_mask: torch.Tensor | None,
     dropout_p: float,
     seed: torch.Tensor | None,
+    out_order: torch.Tensor | None,
+    out_count: torch.Tensor | None,
+    keep_bits: torch.Tensor | None,
     needs_x: bool,
     needs_a: bool,
     needs_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX, dA, dB)``; a gradient not asked for comes back as an empty placeholder."""
+    """``(dX, dA, dB)``; a gradient not asked for comes back as an empty placeholder. With
+    ``keep_bits`` (the forward's) dA and dX read the dropout keep-mask instead of recomputing it."""
     grad_y = _rows_contiguous(grad_y)
     x = _rows_contiguous(x)
     out_mask, in_mask = _contiguous(out_mask), _contiguous(in_mask)
@@ -616,8 +946,9 @@ def masked_lora_linear_backward_op(
         grad_a = torch.zeros_like(lora_a) if needs_a else grad_a
         grad_b = torch.zeros_like(lora_b) if needs_b else grad_b
         return grad_x, grad_a, grad_b
+    bits = keep_bits if seed is not None and keep_bits is not None and keep_bits.numel() else None
     with device_guard(grad_y.device):
-        out_kept = None if out_mask is None else kept_first(out_mask)  # recomputed: cheaper than saved
+        out_kept = _out_kept(out_mask, out_order, out_count)
         # G's kernel reads dY anyway: with an output mask it also writes the compact D (grad_d: D's
         # kept columns in kept-first order) that dB and dX read contiguously (module docstring).
         grad_d = grad_y
@@ -630,17 +961,49 @@ def masked_lora_linear_backward_op(
             _lora_grad(grad_d, hidden, grad_b, scaling, out_kept, None, 0.0, "db")
         if needs_a:
             grad_a = torch.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
-            _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p, "da")
+            _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p, "da", bits)
         if needs_x:
             grad_x = _masked_gemm(
-                grad_d, weight, grad_hidden, lora_a, scaling, None, out_kept, in_mask, seed, dropout_p, "dx"
+                grad_d,
+                weight,
+                grad_hidden,
+                lora_a,
+                scaling,
+                None,
+                out_kept,
+                in_mask,
+                seed,
+                dropout_p,
+                "dx",
+                bits,
             )
     return grad_x, grad_a, grad_b
 
 
 @masked_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+def _(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    scaling,
+    out_mask,
+    in_mask,
+    dropout_p,
+    seed,
+    out_order=None,
+    out_count=None,
+    in_tiles=None,
+    in_tile_counts=None,
+    keep_bits=False,
+    decode=False,
+):
+    return (
+        x.new_empty((x.shape[0], weight.shape[0])),
+        x.new_empty((x.shape[0], lora_a.shape[0])),
+        x.new_empty(_keep_bits_shape(x, keep_bits, seed), dtype=torch.uint8),
+    )
 
 
 @masked_lora_linear_backward_op.register_fake
@@ -656,6 +1019,9 @@ def _(
     in_mask,
     dropout_p,
     seed,
+    out_order,
+    out_count,
+    keep_bits,
     needs_x,
     needs_a,
     needs_b,
@@ -667,14 +1033,23 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], out_mask, in_mask, seed)
+    x, weight, _bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p, seed, out_order, out_count = (
+        inputs[:12]
+    )
+    _y, hidden, keep_bits = output
+    ctx.save_for_backward(
+        x, weight, lora_a, lora_b, hidden, out_mask, in_mask, seed, out_order, out_count, keep_bits
+    )
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
 
 
-def _backward_rule(ctx, grad_y: torch.Tensor, _grad_hidden: torch.Tensor | None):
-    x, weight, lora_a, lora_b, hidden, out_mask, in_mask, seed = ctx.saved_tensors
+def _backward_rule(
+    ctx, grad_y: torch.Tensor, _grad_hidden: torch.Tensor | None, _grad_bits: torch.Tensor | None
+):
+    x, weight, lora_a, lora_b, hidden, out_mask, in_mask, seed, out_order, out_count, keep_bits = (
+        ctx.saved_tensors
+    )
     needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
     grad_x, grad_a, grad_b = masked_lora_linear_backward_op(
         grad_y,
@@ -688,21 +1063,21 @@ def _backward_rule(ctx, grad_y: torch.Tensor, _grad_hidden: torch.Tensor | None)
         in_mask,
         ctx.dropout_p,
         seed,
+        out_order,
+        out_count,
+        keep_bits,
         needs_x,
         needs_a,
         needs_b,
     )
+    no_grads = (None,) * (len(ctx.needs_input_grad) - 5)
     return (
         grad_x if needs_x else None,
         None,
         None,
         grad_a if needs_a else None,
         grad_b if needs_b else None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *no_grads,
     )
 
 
@@ -714,13 +1089,16 @@ def draw_dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def dropout_keep_mask(seed: torch.Tensor, num_rows: int, num_cols: int, dropout_p: float) -> torch.Tensor:
-    """The (num_rows × num_cols) bool keep-mask the kernels apply to ``X⊙m_in`` for ``seed``."""
+def dropout_keep_mask(
+    seed: torch.Tensor, num_rows: int, num_cols: int, dropout_p: float, *, dropout_bits: bool = False
+) -> torch.Tensor:
+    """The (num_rows × num_cols) bool keep-mask the kernels apply to ``X⊙m_in`` for ``seed``, as the
+    ``dropout_bits`` path draws it (four outputs per 7-round philox call) or the old path."""
     out = torch.empty((num_rows, num_cols), device=seed.device, dtype=torch.int8)
     block = 32
     with device_guard(seed.device):
         _keep_mask_kernel[(triton.cdiv(num_rows, block), triton.cdiv(num_cols, block))](
-            seed, out, num_rows, num_cols, dropout_p, BLOCK_M=block, BLOCK_Q=block
+            seed, out, num_rows, num_cols, dropout_p, PHILOX4=dropout_bits, BLOCK_M=block, BLOCK_Q=block
         )
     return out.bool()
 
@@ -742,13 +1120,18 @@ def masked_lora_linear(
     in_mask: torch.Tensor | None,
     dropout_p: float,
     training: bool,
+    *,
+    plan: MaskPlan | None = None,
+    fast_paths: Collection[str] | None = None,
 ) -> torch.Tensor:
     """``((X⊙m_in) Wᵀ + b + s·drop(X⊙m_in) Aᵀ Bᵀ) ⊙ m_out`` for ``x`` of any leading shape.
 
     Arguments as :func:`loraprune.ops.masked_lora_linear` (validated there). Differentiable in
     ``x``, ``lora_a`` and ``lora_b``; the LoRA factors keep their dtype (their tiles are cast to
     the compute dtype in the kernels), ``x`` and ``weight`` are cast to the compute dtype (a
-    no-op, never a copy, when they already have it).
+    no-op, never a copy, when they already have it). ``plan``: the masks' cached
+    :class:`MaskPlan` (made here when not given); ``fast_paths``: the fast paths to take
+    (default: ``LORAPRUNE_MLL_FAST_PATHS``, see :data:`~loraprune.ops.masked_lora_linear.FAST_PATHS`).
     """
     if torch.is_grad_enabled():
         for name, frozen in (("weight", weight), ("bias", bias)):
@@ -757,19 +1140,29 @@ def masked_lora_linear(
                     f"{name} requires grad, but the Triton kernels compute no {name} gradient (the base "
                     f"layer is frozen): freeze it ({name}.requires_grad_(False)) or use backend='torch'"
                 )
+    paths = enabled_fast_paths() if fast_paths is None else frozenset(fast_paths)
+    if plan is None:
+        plan = masked_lora_linear_plan(out_mask, in_mask, k_tiles="k_tiles" in paths)
+    k_tiles = "k_tiles" in paths
     dtype = _compute_dtype(x, weight)
     seed = draw_dropout_seed(x.device) if training and dropout_p > 0 else None
     x_2d = x.to(dtype).reshape(-1, x.shape[-1])
-    y, _ = masked_lora_linear_op(
+    y, _, _ = masked_lora_linear_op(
         x_2d,
         weight.to(dtype),
         bias,
         lora_a,
         lora_b,
         scaling,
-        out_mask,
-        in_mask,
+        plan.out_mask,
+        plan.in_mask,
         dropout_p if seed is not None else 0.0,
         seed,
+        plan.out_order,
+        plan.out_count,
+        plan.in_tiles if k_tiles else None,
+        plan.in_tile_counts if k_tiles else None,
+        "dropout_bits" in paths,
+        "decode" in paths,
     )
     return y.view(*x.shape[:-1], weight.shape[0])

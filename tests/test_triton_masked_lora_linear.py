@@ -7,6 +7,7 @@ kernels issue can be observed: that is how the gathering of output masks is chec
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -17,7 +18,12 @@ from conftest import TRITON_SKIP_REASON, requires_cuda
 
 from loraprune import ops
 from loraprune.ops._dispatch import triton_interpreter
-from loraprune.ops.masked_lora_linear import masked_lora_linear_reference
+from loraprune.ops.masked_lora_linear import (
+    FAST_PATHS,
+    K_TILE_WIDTHS,
+    masked_lora_linear_plan,
+    masked_lora_linear_reference,
+)
 
 if TRITON_SKIP_REASON:
     pytest.skip(TRITON_SKIP_REASON, allow_module_level=True)
@@ -133,17 +139,25 @@ def reference_with_keep(keep: torch.Tensor, dropout_p: float):
 SHAPES = {  # (leading shape of x, in, out, rank)
     "2d": ((37,), 96, 80, 5),
     "3d": ((2, 9), 70, 45, 19),
+    "decode": ((2, 7), 70, 45, 19),  # 14 tokens: the fast paths take the one-launch decode kernel
 }
+# The kernels with every fast path off (the paths they replace) and on; each must match the reference.
+PATHS = {"old": frozenset(), "fast": frozenset(FAST_PATHS)}
 
 
+def with_paths(paths: frozenset[str]):
+    return functools.partial(kernel.masked_lora_linear, fast_paths=paths)
+
+
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_forward_and_gradients_match_reference(shape, mask_kind, with_bias):
+def test_forward_and_gradients_match_reference(shape, mask_kind, with_bias, paths):
     lead, in_features, out_features, rank = shape
     layer = make_layer(lead, in_features, out_features, rank, bias=with_bias)
     out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
-    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    actual = run(with_paths(paths), layer, out_mask, in_mask)
     expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, torch.float32)
@@ -151,13 +165,24 @@ def test_forward_and_gradients_match_reference(shape, mask_kind, with_bias):
         assert not actual[0].any() and not actual[1].any() and not actual[2].any() and not actual[3].any()
 
 
-def test_kept_first_lists_the_kept_features_first_in_order():
+def test_plan_lists_the_kept_features_and_k_tiles_first_in_order():
     for num_masked in (0, 1, 37, 79, 80):
         mask = scattered_mask(80, num_masked, seed=num_masked)
-        order, count = kernel.kept_first(mask)
+        plan = masked_lora_linear_plan(mask, mask)
         kept, masked = mask.nonzero().flatten(), (~mask).nonzero().flatten()
-        assert count.ndim == 0 and count.device == mask.device and count.item() == 80 - num_masked
-        assert torch.equal(order, torch.cat([kept, masked]))
+        assert plan.out_count.ndim == 0 and plan.out_count.device == mask.device
+        assert plan.out_count.item() == 80 - num_masked
+        assert torch.equal(plan.out_order, torch.cat([kept, masked]))
+        offset = 0
+        for index, width in enumerate(K_TILE_WIDTHS):  # the kernels find each list at this offset
+            num_tiles = math.ceil(80 / width)
+            tile_kept = torch.zeros(num_tiles, dtype=torch.bool, device=mask.device)
+            tile_kept[kept // width] = True
+            expected = torch.cat([tile_kept.nonzero().flatten(), (~tile_kept).nonzero().flatten()])
+            assert plan.in_tile_counts[index].item() == tile_kept.sum().item()
+            assert torch.equal(plan.in_tiles[offset : offset + num_tiles].long(), expected)
+            offset += num_tiles
+        assert offset == plan.in_tiles.numel()
 
 
 SCATTERED_FRACTIONS = {"all_kept": 0.0, "one_masked": None, "half": 0.5, "most": 0.9, "all_masked": 1.0}
@@ -167,16 +192,17 @@ SCATTERED_CASES = {  # (leading shape of x, in, out, rank, bias, in-mask); out: 
 }
 
 
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("fraction", SCATTERED_FRACTIONS.values(), ids=SCATTERED_FRACTIONS.keys())
 @pytest.mark.parametrize("case", SCATTERED_CASES.values(), ids=SCATTERED_CASES.keys())
-def test_scattered_output_masks_match_reference(case, fraction):
+def test_scattered_output_masks_match_reference(case, fraction, paths):
     """Kept-first tiles of every kind (fully kept, boundary, fully masked, partly out of range)."""
     lead, in_features, out_features, rank, with_bias, with_in_mask = case
     num_masked = 1 if fraction is None else round(fraction * out_features)
     layer = make_layer(lead, in_features, out_features, rank, bias=with_bias)
     out_mask = scattered_mask(out_features, num_masked)
     in_mask = make_masks("in_only", out_features, in_features)[1] if with_in_mask else None
-    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    actual = run(with_paths(paths), layer, out_mask, in_mask)
     expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, torch.float32)
@@ -271,17 +297,20 @@ def test_rank_above_one_rank_block():
         assert_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("mask_kind", ["both_random", "head_blocks"])
-def test_dropout_matches_reference_with_the_same_keep_mask(mask_kind):
-    lead, in_features, out_features, rank = (3, 11), 64, 72, 7
+@pytest.mark.parametrize("lead", [(3, 11), (2, 5)], ids=["33_tokens", "10_tokens"])
+def test_dropout_matches_reference_with_the_same_keep_mask(lead, mask_kind, paths):
+    in_features, out_features, rank = 64, 72, 7
     dropout_p = 0.3
     layer = make_layer(lead, in_features, out_features, rank)
     out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
     torch.manual_seed(1234)
-    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask, dropout_p, training=True)
+    actual = run(with_paths(paths), layer, out_mask, in_mask, dropout_p, training=True)
     torch.manual_seed(1234)  # the kernel's seed comes from the default generator: draw it again
     seed = kernel.draw_dropout_seed(DEVICE)
-    keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p)
+    bits = "dropout_bits" in paths
+    keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p, dropout_bits=bits)
     expected = run(reference_with_keep(keep, dropout_p), layer, out_mask, in_mask)
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, torch.float32)
@@ -289,16 +318,22 @@ def test_dropout_matches_reference_with_the_same_keep_mask(mask_kind):
     assert not torch.allclose(actual[0], without_dropout[0], atol=1e-3)  # dropout did act
 
 
-def test_dropout_keep_mask_is_seeded_and_has_the_right_rate():
+@pytest.mark.parametrize("dropout_bits", [False, True], ids=["old", "dropout_bits"])
+def test_dropout_keep_mask_is_seeded_and_has_the_right_rate(dropout_bits):
     dropout_p = 0.25
     seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE)
-    keep = kernel.dropout_keep_mask(seed, 256, 160, dropout_p)
+    draw = functools.partial(kernel.dropout_keep_mask, dropout_bits=dropout_bits)
+    keep = draw(seed, 256, 160, dropout_p)
     assert keep.shape == (256, 160) and keep.dtype == torch.bool
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.01  # 40960 draws: sd ~0.002
-    assert torch.equal(keep, kernel.dropout_keep_mask(seed.clone(), 256, 160, dropout_p))
-    assert not torch.equal(keep, kernel.dropout_keep_mask(seed + 1, 256, 160, dropout_p))
+    assert torch.equal(keep, draw(seed.clone(), 256, 160, dropout_p))
+    assert not torch.equal(keep, draw(seed + 1, 256, 160, dropout_p))
     # Rows and columns are both counters: no row repeats another's pattern.
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    # Each of the four outputs of a philox call keeps at the same rate (a column's index mod 4).
+    for lane in range(4):
+        assert abs(keep[:, lane::4].float().mean().item() - (1 - dropout_p)) < 0.02
+    assert not torch.equal(keep[:, 0::4], keep[:, 1::4])
 
 
 def test_dropout_reproducible_under_manual_seed_and_off_when_not_training():
@@ -313,13 +348,14 @@ def test_dropout_reproducible_under_manual_seed_and_off_when_not_training():
         assert_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("mask_kind", ["head_blocks", "scattered"])
 @pytest.mark.parametrize(
     "dtype",
     [torch.float32, pytest.param(torch.bfloat16, marks=requires_cuda)],
     ids=["float32", "bfloat16"],
 )
-def test_every_output_element_is_written(monkeypatch, dtype, mask_kind):
+def test_every_output_element_is_written(monkeypatch, dtype, mask_kind, paths):
     """Buffers the launchers allocate come back NaN-poisoned: a missed element would show, and so
     would a read of the compact D's unwritten part."""
     lead, in_features, out_features, rank = (29,), 72, 66, 6
@@ -330,7 +366,8 @@ def test_every_output_element_is_written(monkeypatch, dtype, mask_kind):
         out_mask = scattered_mask(out_features, 33)
     torch.manual_seed(7)
     seed = kernel.draw_dropout_seed(DEVICE)
-    keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p)
+    bits = "dropout_bits" in paths
+    keep = kernel.dropout_keep_mask(seed, math.prod(lead), in_features, dropout_p, dropout_bits=bits)
     expected = run(reference_with_keep(keep, dropout_p), layer, out_mask, in_mask)
 
     def poisoned(allocate):
@@ -343,7 +380,7 @@ def test_every_output_element_is_written(monkeypatch, dtype, mask_kind):
     monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
     torch.manual_seed(7)
-    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask, dropout_p, training=True)
+    actual = run(with_paths(paths), layer, out_mask, in_mask, dropout_p, training=True)
     monkeypatch.undo()
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, dtype)  # includes isfinite
@@ -482,7 +519,8 @@ def test_backward_with_any_subset_of_inputs_requiring_grad(needs):
 
 
 def autotune_keys_spy(monkeypatch) -> dict[str, list[tuple]]:
-    """Record, per autotuned kernel, the key each launch is tuned under (its ``key`` arguments)."""
+    """Record, per autotuned kernel, the key each launch is tuned under: its ``key`` arguments as
+    (name, value) pairs."""
     from triton.runtime.autotuner import Autotuner
 
     keys: dict[str, list[tuple]] = {}
@@ -490,7 +528,7 @@ def autotune_keys_spy(monkeypatch) -> dict[str, list[tuple]]:
 
     def spy(self, *args, **kwargs):
         named = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}
-        keys.setdefault(self.fn.__name__, []).append(tuple(named[k] for k in self.keys))
+        keys.setdefault(self.fn.__name__, []).append(tuple((k, named[k]) for k in self.keys))
         return autotuned_run(self, *args, **kwargs)
 
     monkeypatch.setattr(Autotuner, "run", spy)
@@ -540,6 +578,100 @@ def test_a_bias_that_requires_grad_is_rejected(entry):
         kernel.masked_lora_linear(*args, None, None, 0.0, False)
 
 
+def launched_flags(keys: dict[str, list[tuple]]) -> list[dict]:
+    """Every launch the spy saw, as a dict of its key arguments plus the kernel's name."""
+    return [{"kernel": name, **dict(key)} for name, launches in keys.items() for key in launches]
+
+
+def test_dropout_bits_are_drawn_once_and_read_by_the_backward(monkeypatch):
+    """The dropout_bits path draws the keep-mask in the forward's down-projection only, and dA and
+    dX read the stored bits; the old path regenerates it in all three."""
+    layer = make_layer((3, 11), 64, 72, 7)
+    out_mask, in_mask = make_masks("both_random", 72, 64)
+    for paths, reads_bits in ((PATHS["fast"], True), (PATHS["old"], False)):
+        keys = autotune_keys_spy(monkeypatch)
+        run(with_paths(paths), layer, out_mask, in_mask, 0.3, training=True)
+        monkeypatch.undo()
+        by_kind = {flags["KIND"]: flags for flags in launched_flags(keys)}
+        assert by_kind["h"]["LORA_DROPOUT"] and by_kind["h"]["STORE_BITS"] == reads_bits
+        for kind in ("da", "dx"):
+            assert by_kind[kind]["LORA_DROPOUT"] and by_kind[kind]["KEEP_BITS"] == reads_bits
+
+
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+def test_dropout_zero_does_no_random_work(monkeypatch, paths):
+    """Training with dropout 0 draws no seed and compiles every kernel without dropout."""
+
+    def no_seed(device):
+        raise AssertionError("a dropout seed was drawn for dropout 0")
+
+    monkeypatch.setattr(kernel, "draw_dropout_seed", no_seed)
+    keys = autotune_keys_spy(monkeypatch)
+    layer = make_layer((3, 11), 64, 72, 7)
+    out_mask, in_mask = make_masks("both_random", 72, 64)
+    actual = run(with_paths(paths), layer, out_mask, in_mask, 0.0, training=True)
+    assert not any(flags.get("LORA_DROPOUT") or flags.get("STORE_BITS") for flags in launched_flags(keys))
+    for got, want in zip(actual, run(masked_lora_linear_reference, layer, out_mask, in_mask), strict=True):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 17])
+def test_decode_is_one_launch_for_up_to_16_tokens(monkeypatch, num_tokens):
+    keys = autotune_keys_spy(monkeypatch)
+    layer = make_layer((num_tokens,), 70, 45, 6)
+    out_mask, in_mask = make_masks("both_random", 45, 70)
+    with torch.no_grad():
+        y = with_paths(PATHS["fast"])(
+            layer["x"], *[layer[k] for k in list(layer)[1:]], out_mask, in_mask, 0.0, False
+        )
+    launched = [flags["kernel"] for flags in launched_flags(keys)]
+    assert launched == (
+        ["_decode_kernel"] if num_tokens <= 16 else ["_lora_down_kernel", "_masked_lora_gemm_kernel"]
+    )
+    expected = masked_lora_linear_reference(
+        layer["x"], *[layer[k] for k in list(layer)[1:]], out_mask, in_mask
+    )
+    assert_close(y, expected.detach(), torch.float32)
+
+
+@pytest.mark.skipif(not triton_interpreter(), reason="observes the loads through the Triton interpreter")
+def test_k_tiles_skip_the_masked_tiles_of_an_input_masked_forward(monkeypatch):
+    """Pruned heads of o_proj: with k_tiles the forward's K loops (H and the GEMM) never load X or W
+    in a K tile whose input features are all masked; without it they load every tile."""
+    from triton.runtime import interpreter
+
+    lead, in_features, out_features, rank = (19,), 160, 40, 5
+    layer = make_layer(lead, in_features, out_features, rank)
+    in_mask = torch.ones(in_features, dtype=torch.bool, device=DEVICE)
+    in_mask[32:96] = False  # two whole 32-wide tiles (the interpreter's BLOCK_Q)
+    in_mask[100] = False  # and one feature of a tile that stays
+    builder = interpreter.InterpreterBuilder
+    masked_load = builder.create_masked_load
+    loaded: list[np.ndarray] = []
+
+    def spy_load(self, ptrs, mask, *args):
+        loaded.append(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64))
+        return masked_load(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(builder, "create_masked_load", spy_load)
+
+    def columns_loaded(t: torch.Tensor) -> set[int]:
+        addresses = np.concatenate(loaded)
+        base, size = t.data_ptr(), t.numel() * t.element_size()
+        inside = addresses[(addresses >= base) & (addresses < base + size)]
+        return set(((inside - base) // t.element_size() % t.shape[1]).tolist())
+
+    args = [layer[k] for k in ("weight", "bias", "lora_a", "lora_b", "scaling")]
+    expected = masked_lora_linear_reference(layer["x"], *args, None, in_mask)
+    for paths, skipped in ((PATHS["fast"], set(range(32, 96))), (PATHS["old"], set())):
+        loaded.clear()
+        with torch.no_grad():
+            y = with_paths(paths)(layer["x"], *args, None, in_mask, 0.0, False)
+        assert_close(y, expected.detach(), torch.float32)
+        for t in (layer["x"], layer["weight"], layer["lora_a"]):
+            assert columns_loaded(t) == set(range(in_features)) - skipped
+
+
 def test_empty_input():
     layer = make_layer((0,), 32, 24, 4)
     y = kernel.masked_lora_linear(
@@ -557,11 +689,14 @@ def test_empty_input():
     assert y.shape == (0, 24)
 
 
+@pytest.mark.parametrize("tokens", [19, 7], ids=["prefill", "decode"])
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("with_dropout", [False, True], ids=["plain", "dropout"])
-def test_custom_op_passes_opcheck(with_dropout):
-    layer = make_layer((19,), 48, 40, 5)
+def test_custom_op_passes_opcheck(with_dropout, paths, tokens):
+    layer = make_layer((tokens,), 48, 40, 5)
     out_mask, in_mask = make_masks("both_random", 40, 48)
     seed = kernel.draw_dropout_seed(DEVICE) if with_dropout else None
+    plan = masked_lora_linear_plan(out_mask, in_mask, k_tiles="k_tiles" in paths)
     args = (
         layer["x"],
         layer["weight"],
@@ -573,16 +708,20 @@ def test_custom_op_passes_opcheck(with_dropout):
         in_mask,
         0.2 if with_dropout else 0.0,
         seed,
+        *plan[2:],
+        "dropout_bits" in paths,
+        "decode" in paths,
     )
     torch.library.opcheck(torch.ops.loraprune.masked_lora_linear.default, args)
 
 
-def test_traces_under_torch_compile():
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+def test_traces_under_torch_compile(paths):
     layer = make_layer((2, 7), 48, 40, 5)
     out_mask, in_mask = make_masks("both_random", 40, 48)
-    compiled = torch.compile(kernel.masked_lora_linear, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(with_paths(paths), backend="aot_eager", fullgraph=True)
     actual = run(compiled, layer, out_mask, in_mask)
-    for got, want in zip(actual, run(kernel.masked_lora_linear, layer, out_mask, in_mask), strict=True):
+    for got, want in zip(actual, run(with_paths(paths), layer, out_mask, in_mask), strict=True):
         assert_close(got, want, torch.float32)
 
 

@@ -9,11 +9,83 @@ the LoRA up-projection into one accumulator and skips fully masked output tiles.
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from loraprune.ops._checks import FLOAT_DTYPES, check_scalar, check_tensor
 from loraprune.ops._dispatch import resolve
+
+# The Triton kernels' fast paths, each selectable next to the path it replaces until a GPU run
+# compares them (README, "Kernels and backends"); LORAPRUNE_MLL_FAST_PATHS=all|none|a,b,...
+FAST_PATHS = ("mask_cache", "k_tiles", "dropout_bits", "decode")
+FAST_PATHS_ENV = "LORAPRUNE_MLL_FAST_PATHS"
+# Widths of the K tiles whose kept lists a plan holds: every BLOCK_Q the kernels are tuned over.
+K_TILE_WIDTHS = (16, 32, 64, 128, 256)
+
+
+def enabled_fast_paths() -> frozenset[str]:
+    """The fast paths ``LORAPRUNE_MLL_FAST_PATHS`` enables (default: all)."""
+    value = os.environ.get(FAST_PATHS_ENV, "all").strip()
+    if value == "all":
+        return frozenset(FAST_PATHS)
+    names = frozenset(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    unknown = names - set(FAST_PATHS)
+    if unknown:
+        raise ValueError(f"{FAST_PATHS_ENV}: unknown fast paths {sorted(unknown)}; choose from {FAST_PATHS}")
+    return names
+
+
+class MaskPlan(NamedTuple):
+    """What the Triton kernels read of a layer's masks, computed on the device without a host
+    synchronisation, once per mask version when cached (``LoraPruneLinear``):
+
+    - ``out_mask``, ``in_mask``: the contiguous bool masks, or ``None`` (all kept);
+    - ``out_order`` (int64), ``out_count`` (0-d int64): the kept output features in ascending
+      order, then the masked ones, and how many are kept;
+    - ``in_tiles`` (int32): for each width of :data:`K_TILE_WIDTHS` in turn, the indices of the
+      K tiles (input features ``[t·w, (t+1)·w)``) that hold a kept feature, ascending, then the
+      others; ``in_tile_counts`` (int32): the kept-tile count per width (the kernels compute each
+      list's offset from the widths). ``None`` when the input side is not masked or the plan was
+      made without ``k_tiles``.
+    """
+
+    out_mask: torch.Tensor | None
+    in_mask: torch.Tensor | None
+    out_order: torch.Tensor | None
+    out_count: torch.Tensor | None
+    in_tiles: torch.Tensor | None
+    in_tile_counts: torch.Tensor | None
+
+
+def _kept_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept indices ascending then the others (a stable sort of one byte each), and the kept count."""
+    return torch.argsort(keep.logical_not().view(torch.uint8), stable=True), keep.sum()
+
+
+def masked_lora_linear_plan(
+    out_mask: torch.Tensor | None, in_mask: torch.Tensor | None, k_tiles: bool = True
+) -> MaskPlan:
+    """The :class:`MaskPlan` of a pair of bool keep-masks (either may be ``None``)."""
+    out_mask = None if out_mask is None else out_mask.contiguous()
+    in_mask = None if in_mask is None else in_mask.contiguous()
+    out_order = out_count = in_tiles = in_tile_counts = None
+    if out_mask is not None:
+        out_order, out_count = _kept_first(out_mask)
+    if in_mask is not None and k_tiles:
+        orders, counts = [], []
+        for width in K_TILE_WIDTHS:
+            num_tiles = -(-in_mask.shape[0] // width)
+            padded = F.pad(in_mask, (0, num_tiles * width - in_mask.shape[0]))
+            order, count = _kept_first(padded.view(num_tiles, width).any(dim=1))
+            orders.append(order)
+            counts.append(count)
+        in_tiles = torch.cat(orders).to(torch.int32)
+        in_tile_counts = torch.stack(counts).to(torch.int32)
+    return MaskPlan(out_mask, in_mask, out_order, out_count, in_tiles, in_tile_counts)
+
 
 IMPLEMENTATIONS = {
     "triton": "loraprune.kernels.masked_lora_linear:masked_lora_linear",
