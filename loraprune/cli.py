@@ -191,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="per-layer structure of a checkpoint")
     info.add_argument("model_dir", metavar="MODEL_DIR")
     info.add_argument("--json", action="store_true")
+
+    export = commands.add_parser("export", help="write a checkpoint for a serving engine")
+    formats = export.add_subparsers(dest="format", required=True)
+    gguf = formats.add_parser(
+        "gguf", help="GGUF for llama.cpp (its deci architecture: per-layer head and channel counts)"
+    )
+    gguf.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    gguf.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write")
+    gguf.add_argument(
+        "--outtype",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="matrix type (norms stay f32); q8_0 writes f16 where rows are not a multiple of 32",
+    )
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
     return parser
 
 
@@ -205,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    handlers = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt as exc:
@@ -509,6 +524,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     for name, status in backends.items():
         print(f"backend {name} on {device}: {status}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loraprune.export import export_gguf
+
+    result = export_gguf(args.model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite)
+    print(f"wrote {result.path} ({result.outtype}, {result.tensors} tensors)")
+    if result.f16_fallback:
+        print(
+            f"{len(result.f16_fallback)} matrices written f16, their rows not a multiple of 32 "
+            f"(prune with --round-to 32 for all-q8_0): {', '.join(result.f16_fallback)}",
+            file=sys.stderr,
+        )
     return 0
 
 

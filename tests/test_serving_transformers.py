@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import CONFIGS, random_tokens, tiny_model
+from tiny_models import CONFIGS, pruned_tiny_model, random_tokens
 from transformers import AutoModelForCausalLM
 
 import loraprune
-from loraprune import LoraPruneConfig, LoraPruner
 from loraprune.models import PRUNED_CLASSES
 
 CONFIG_NAMES = list(CONFIGS)
@@ -55,14 +54,6 @@ LOAD_WITHOUT_LORAPRUNE = (
 )
 
 
-def pruned_model(name: str) -> torch.nn.Module:
-    """Half the heads and channels of layers 0-2 pruned; the last layer stays dense."""
-    pruner = LoraPruner(tiny_model(name), LoraPruneConfig(ratio=0.5, criterion="magnitude", layers=(0, 1, 2)))
-    pruner.update_scores()
-    pruner.prune()
-    return pruner.compact().eval()
-
-
 @pytest.fixture(scope="module")
 def loaded_without_loraprune(tmp_path_factory) -> tuple[dict, dict, torch.Tensor]:
     """Per config: the folder, and what a loraprune-free interpreter computed from it."""
@@ -70,7 +61,7 @@ def loaded_without_loraprune(tmp_path_factory) -> tuple[dict, dict, torch.Tensor
     folders = {}
     for name in CONFIG_NAMES:
         folders[name] = root / name
-        pruned_model(name).save_pretrained(folders[name])
+        pruned_tiny_model(name).save_pretrained(folders[name])
     tokens = random_tokens(length=16)
     torch.save(tokens, root / "tokens.pt")
     env = {**os.environ, "HF_MODULES_CACHE": str(root / "hf_modules"), "PYTHONPATH": ""}
@@ -114,7 +105,7 @@ def test_pruned_folder_loads_without_loraprune_with_equal_outputs(name, loaded_w
 
 
 def test_saved_class_files_are_the_package_files_and_import_only_torch_and_transformers(tmp_path):
-    pruned_model("llama-gqa-tied").save_pretrained(tmp_path)
+    pruned_tiny_model("llama-gqa-tied").save_pretrained(tmp_path)
     package = Path(loraprune.__file__).parent
     for name in ("configuration_loraprune.py", "modeling_loraprune.py"):
         text = (tmp_path / name).read_text()

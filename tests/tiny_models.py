@@ -67,3 +67,18 @@ def randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
 
 def random_tokens(batch: int = 2, length: int = 12, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def pruned_by_magnitude(model: torch.nn.Module, ratio: float, **options) -> torch.nn.Module:
+    """``model`` compacted after one magnitude-ranked pruning step (fast, deterministic)."""
+    from loraprune import LoraPruneConfig, LoraPruner
+
+    pruner = LoraPruner(model, LoraPruneConfig(ratio=ratio, criterion="magnitude", **options))
+    pruner.update_scores()
+    pruner.prune()
+    return pruner.compact().eval()
+
+
+def pruned_tiny_model(name: str = "llama-mha-untied", ratio: float = 0.5) -> torch.nn.Module:
+    """A compacted tiny model: layers 0-2 lose ``ratio`` of their heads and channels, layer 3 stays whole."""
+    return pruned_by_magnitude(tiny_model(name), ratio, layers=(0, 1, 2))
