@@ -207,3 +207,19 @@ def test_llama_shapes_half_precision(dtype, in_features, out_features, rank):
     inputs = make_inputs(2048, out_features, in_features, rank, dtype=dtype, seed=rank)
     for squared in (False, True):
         check(inputs, 2.0, squared, 1e-4)
+
+
+@requires_cuda
+def test_agrees_with_the_cuda_kernel():
+    from loraprune.ops import cuda as cuda_ops
+
+    try:
+        cuda_ops.extension()
+    except ops.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    inputs = make_inputs(512, 4096, 1024, 8, dtype=torch.bfloat16, seed=6)
+    for squared in (False, True):
+        triton_sums = kernel.taylor_importance(*inputs, 2.0, squared)
+        cuda_sums = ops.taylor_importance(*inputs, 2.0, squared=squared, backend="cuda")
+        for got, want in zip(cuda_sums, triton_sums, strict=True):
+            assert_close(got, want, 1e-4)
