@@ -96,6 +96,7 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
     on sizes and strides divisible by 16, so (rows, out, in) multiples of 16 give the code that runs
     on LLaMA shapes, and other sizes the bounds-checked variants."""
     from loraprune.kernels import lora_importance, masked_lora_linear, score_update, taylor_importance
+    from loraprune.ops.masked_lora_linear import FAST_PATHS
 
     gen = torch.Generator().manual_seed(0)
     for (rows, out_features, in_features), dtype, rank in itertools.product(shapes, dtypes, ranks):
@@ -108,16 +109,26 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
         grad_y = torch.randn(rows, out_features, generator=gen).to(dtype)
         taylor_importance.taylor_importance(x, grad_y, weight, *factors, 2.0, False)
-        if rank == ranks[0]:  # without LoRA
+        if rank == ranks[0]:  # without LoRA, and with X and dY of different dtypes (upcast)
             taylor_importance.taylor_importance(x, grad_y, weight, None, None, 0.0, False)
+            if dtype != torch.float32:
+                taylor_importance.taylor_importance(x, grad_y.float(), weight, *factors, 2.0, False)
         out_mask = torch.rand(out_features, generator=gen) > 0.5
         in_mask = torch.rand(in_features, generator=gen) > 0.5
-        for masks, dropout_p in (((None, None), 0.0), ((out_mask, in_mask), 0.1)):
-            x = torch.randn(rows, in_features, generator=gen).to(dtype).requires_grad_()
+        # The old paths, then every fast path (k_tiles and dropout_bits with masks and dropout, decode
+        # at 16 tokens): each is compiled and reported until a GPU run has compared them.
+        all_paths = frozenset(FAST_PATHS)
+        for masks, dropout_p, tokens, paths in (
+            ((None, None), 0.0, rows, frozenset()),
+            ((out_mask, in_mask), 0.1, rows, frozenset()),
+            ((out_mask, in_mask), 0.1, rows, all_paths),
+            ((None, None), 0.0, 16, all_paths),
+            ((out_mask, in_mask), 0.0, 16, all_paths),
+        ):
+            x = torch.randn(tokens, in_features, generator=gen).to(dtype).requires_grad_()
             lora_a, lora_b = (f.clone().requires_grad_() for f in factors)
-            y = masked_lora_linear.masked_lora_linear(
-                x, weight, None, lora_a, lora_b, 2.0, *masks, dropout_p, training=dropout_p > 0
-            )
+            args = (x, weight, None, lora_a, lora_b, 2.0, *masks, dropout_p)
+            y = masked_lora_linear.masked_lora_linear(*args, training=dropout_p > 0, fast_paths=paths)
             y.backward(torch.ones_like(y))
     for widths in ((128, 128, 128, 128), (1, 1, 1)):
         num_units = 32

@@ -96,6 +96,7 @@ def taylor_importance(
 
     Args:
         x: the layer's input, tokens flattened (M×in), as the forward saw it (after its input mask).
+            With M = 0 the gradient is zero, and so are both sums.
         grad_y: the gradient of the loss with respect to the layer's output (M×out), unscaled.
         weight: frozen weight ``W`` (out×in), fp16/bf16/fp32.
         lora_a, lora_b: LoRA factors ``A`` (r×in) and ``B`` (out×r), or both ``None`` (``W' = W``).
