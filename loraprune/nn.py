@@ -18,6 +18,7 @@ from torch import nn
 
 from loraprune import ops
 from loraprune.config import LoraPruneConfig
+from loraprune.ops.masked_lora_linear import MaskPlan, enabled_fast_paths, masked_lora_linear_plan
 from loraprune.structures import decoder_layers, projection_paths, unwrap_model
 
 
@@ -84,6 +85,20 @@ class LoraPruneLinear(nn.Module):
         # Python-side flags so that the forward passes no mask (and syncs nothing) when all is kept.
         self._out_masked = not bool(self.out_mask.all())
         self._in_masked = not bool(self.in_mask.all())
+        self._mask_plan = None  # the masks changed: the kernels' plan is rebuilt on the next forward
+
+    def _kernel_plan(self, out_mask: torch.Tensor | None, in_mask: torch.Tensor | None) -> MaskPlan | None:
+        """The masks' :class:`MaskPlan` for the Triton kernels, built once per mask version (a new
+        tensor, an in-place edit, ``set_masks`` or ``load_state_dict``) instead of once per call."""
+        paths = enabled_fast_paths()
+        unmasked = out_mask is None and in_mask is None
+        if unmasked or "mask_cache" not in paths or torch.compiler.is_compiling():
+            return None
+        version = tuple((m.data_ptr(), m._version) for m in (self.out_mask, self.in_mask))
+        if self._mask_plan is None or self._mask_plan_version != version:
+            self._mask_plan = masked_lora_linear_plan(out_mask, in_mask, k_tiles="k_tiles" in paths)
+            self._mask_plan_version = version
+        return self._mask_plan
 
     def set_masks(self, out_mask: torch.Tensor | None = None, in_mask: torch.Tensor | None = None) -> None:
         """Replace the keep-masks (bool, ``out_features`` / ``in_features`` long); ``None`` leaves one as is."""
@@ -130,6 +145,7 @@ class LoraPruneLinear(nn.Module):
             training=self.training,
             # The fused kernels compute no weight gradient; the taylor baseline needs one.
             backend="torch" if self.weight.requires_grad else None,
+            plan=self._kernel_plan(out_mask, in_mask),
         )
 
     def merged_linear(self) -> nn.Linear:

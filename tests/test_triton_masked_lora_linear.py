@@ -787,3 +787,57 @@ def test_autocast_casts_to_the_autocast_dtype():
     assert actual[0].dtype == torch.bfloat16 and actual[1].dtype == torch.float32
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, torch.bfloat16)
+
+
+def test_lora_prune_linear_builds_the_mask_plan_once_per_mask_version(monkeypatch):
+    """The mask_cache path: no argsort per forward or backward while the masks stay; a new plan
+    after set_masks, an in-place edit and load_state_dict, each giving the reference's result."""
+    import loraprune.nn as lora_nn
+
+    monkeypatch.setenv("LORAPRUNE_BACKEND", "triton")
+    layer = make_layer((2, 9), 48, 40, 5)
+    module = lora_nn.LoraPruneLinear(layer["weight"], layer["bias"], 5, 8.5).to(DEVICE)
+    with torch.no_grad():
+        module.lora_A.copy_(layer["lora_a"])
+        module.lora_B.copy_(layer["lora_b"])
+    builds, sorts = [0], [0]
+    build_plan, argsort = lora_nn.masked_lora_linear_plan, torch.argsort
+
+    def counting_build(*args, **kwargs):
+        builds[0] += 1
+        return build_plan(*args, **kwargs)
+
+    def counting_argsort(*args, **kwargs):
+        sorts[0] += 1
+        return argsort(*args, **kwargs)
+
+    monkeypatch.setattr(lora_nn, "masked_lora_linear_plan", counting_build)
+    monkeypatch.setattr(torch, "argsort", counting_argsort)
+
+    def check(expected_builds: int) -> None:
+        x = layer["x"].detach().requires_grad_()
+        y = module(x)
+        y.backward(torch.ones_like(y))
+        out_mask, in_mask = module.out_mask.clone(), module.in_mask.clone()
+        args = (module.weight, module.bias, module.lora_A, module.lora_B, module.scaling, out_mask, in_mask)
+        assert_close(y.detach(), masked_lora_linear_reference(x.detach(), *args).detach(), torch.float32)
+        assert builds[0] == expected_builds
+
+    out_mask, in_mask = make_masks("both_random", 40, 48)
+    module.set_masks(out_mask, in_mask)
+    check(1)
+    sorts_after_first = sorts[0]
+    check(1)
+    check(1)
+    assert sorts[0] == sorts_after_first  # no argsort once the plan is cached
+    module.set_masks(out_mask=make_masks("head_blocks", 40, 48)[0])
+    check(2)
+    with torch.no_grad():
+        module.in_mask[:8] = False  # an in-place edit bumps the mask's version
+    check(3)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    state["out_mask"][:] = True
+    module.load_state_dict(state)
+    check(4)
+    monkeypatch.setenv("LORAPRUNE_MLL_FAST_PATHS", "k_tiles,dropout_bits,decode")  # no mask_cache
+    check(4)

@@ -167,6 +167,7 @@ def masked_lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: str | None = None,
+    plan: MaskPlan | None = None,
 ) -> torch.Tensor:
     """Forward of the masked LoRA linear (differentiable in ``x``, ``lora_a``, ``lora_b``).
 
@@ -178,6 +179,8 @@ def masked_lora_linear(
         out_mask, in_mask: bool keep-masks over output / input features, or ``None`` (keep all).
         dropout_p, training: dropout on the LoRA input, active only when ``training``.
         backend: force a backend (default: automatic, see ``loraprune.ops``).
+        plan: :func:`masked_lora_linear_plan` of these masks, cached by the caller while they do not
+            change (``LoraPruneLinear`` does) so that the Triton kernels do not rebuild it per call.
     """
     validate(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p)
     trainable = [n for n, t in (("weight", weight), ("bias", bias)) if t is not None and t.requires_grad]
@@ -186,7 +189,6 @@ def masked_lora_linear(
         unsupported = {
             "triton": f"{' and '.join(trainable)} requires grad; its kernels compute no such gradient"
         }
-    _, impl = resolve("masked_lora_linear", IMPLEMENTATIONS, x.device, backend, unsupported)
-    return impl(
-        x, weight, bias, lora_a, lora_b, float(scaling), out_mask, in_mask, float(dropout_p), training
-    )
+    name, impl = resolve("masked_lora_linear", IMPLEMENTATIONS, x.device, backend, unsupported)
+    args = (x, weight, bias, lora_a, lora_b, float(scaling), out_mask, in_mask, float(dropout_p), training)
+    return impl(*args, plan=plan) if name == "triton" else impl(*args)
