@@ -44,12 +44,11 @@ def _pipeline_bytes(config: triton.Config, itemsize: int) -> int:
     return config.num_stages * meta["BLOCK_M"] * (meta["BLOCK_N"] + meta["BLOCK_K"]) * itemsize
 
 
-def _rows_aligned(named_args: dict) -> bool:
+def _rows_aligned(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether Triton sees every row of X, dY and W start 16-element aligned (it specialises
     integers and pointers on divisibility by 16), which vectorised loads need."""
-    tensors = [named_args[name] for name in ("x_ptr", "dy_ptr", "w_ptr")]
-    sizes = [named_args[name] for name in ("N", "K", "stride_xm", "stride_dym", "stride_wn")]
-    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(v % 16 == 0 for v in sizes)
+    sizes = (*weight.shape, x.stride(0), grad_y.stride(0), weight.stride(0))
+    return all(t.data_ptr() % 16 == 0 for t in (x, grad_y, weight)) and all(v % 16 == 0 for v in sizes)
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -58,7 +57,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     pipelined operand tiles in this operand dtype (float32 when the kernel upcasts). Keeps the
     smallest if none is left."""
     itemsize = 4 if kwargs.get("UPCAST") else named_args["x_ptr"].element_size()
-    aligned = _rows_aligned(named_args)
+    aligned = named_args["rows_aligned"]
     fitting = [
         c
         for c in configs
@@ -80,13 +79,13 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 16, "GROUP_N": 2}),
     ),
     # The dtypes of the tensor arguments join the key automatically; R = 0 means no LoRA.
-    key=["m_bucket", "N", "K", "R"],
+    key=["m_bucket", "N", "K", "R", "rows_aligned"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def _taylor_importance_kernel(
     x_ptr, dy_ptr, w_ptr, a_ptr, b_ptr, row_part_ptr, col_part_ptr,
-    M, N, K, R, m_bucket, scaling,
+    M, N, K, R, m_bucket, rows_aligned, scaling,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_wn, stride_wk,
     stride_ar, stride_ak, stride_bn, stride_br,
     HAS_LORA: tl.constexpr, SQUARED: tl.constexpr, UPCAST: tl.constexpr,
@@ -204,13 +203,15 @@ def taylor_importance(
     # Without LoRA the factor pointers are never read: W stands in for them.
     a, b = (lora_a, lora_b) if has_lora else (weight, weight.t())
 
+    aligned = int(_rows_aligned(x, grad_y, weight))  # an autotuning key: see _prune_configs
+
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(in_features, meta["BLOCK_K"]),)
 
     with device_guard(device):
         _taylor_importance_kernel[grid](
             x, grad_y, weight, a, b, row_part, col_part,
-            tokens, out_features, in_features, rank, m_bucket(tokens), scaling,
+            tokens, out_features, in_features, rank, m_bucket(tokens), aligned, scaling,
             x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_LORA=has_lora, SQUARED=squared, UPCAST=upcast,

@@ -184,8 +184,7 @@ def test_autotuning_candidates_fit_shared_memory_and_alignment():
     def candidates(in_features: int, dtype: torch.dtype, upcast: bool = False, offset: int = 0) -> list:
         x = torch.empty(8, in_features + offset, dtype=dtype)[:, offset:]
         grad_y, weight = torch.empty(8, 64, dtype=dtype), torch.empty(64, in_features, dtype=dtype)
-        named = {"x_ptr": x, "dy_ptr": grad_y, "w_ptr": weight, "N": 64, "K": in_features}
-        named.update(stride_xm=x.stride(0), stride_dym=grad_y.stride(0), stride_wn=weight.stride(0))
+        named = {"x_ptr": x, "rows_aligned": kernel._rows_aligned(x, grad_y, weight)}
         kept = kernel._prune_configs(configs, named, UPCAST=upcast)
         return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
 
