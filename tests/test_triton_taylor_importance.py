@@ -129,8 +129,8 @@ def test_half_precision(dtype, factor_dtype):
 
 @pytest.mark.parametrize(
     "dtypes",
-    [(torch.float16, torch.float32, torch.bfloat16), (torch.float32, torch.float16, torch.float16)],
-    ids=["x16_dy32_wbf16", "x32_dy16_w16"],
+    [(torch.float16, torch.float32, torch.bfloat16), (torch.float32, torch.bfloat16, torch.float16)],
+    ids=["x16_dy32_wbf16", "x32_dybf16_w16"],
 )
 def test_mixed_dtypes_upcast_to_float32(dtypes):
     """X and dY of different dtypes are multiplied in float32, as the reference does."""
