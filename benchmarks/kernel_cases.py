@@ -248,6 +248,106 @@ def linear_cases(grid: Grid) -> list[LinearCase]:
     ]
 
 
+# --- fast paths of the Triton masked LoRA linear: each against its old path and the dense GEMM ---
+
+# triton-old: every fast path off; triton-path: only the case's path; triton: all (the default).
+FAST_PATH_PROVIDERS = ("triton-old", "dense", "triton-path", "triton")
+FAST_PATH_REFERENCE = "triton-old"
+HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class FastPathCase(LinearCase):
+    """A case that selects one fast path of ``loraprune.ops.masked_lora_linear.FAST_PATHS``:
+    ``in_masked``: half the 128-wide input heads masked (o_proj with pruned heads); ``dropout``:
+    LoRA dropout in training."""
+
+    path: str = "decode"
+    in_masked: bool = False
+    dropout: float = 0.0
+
+    @property
+    def benchmark(self) -> str:
+        return f"masked_lora_linear_{self.path}_{'fwd_bwd' if self.backward else 'fwd'}"
+
+    @property
+    def shape(self) -> str:
+        extra = (" in-heads=50%" if self.in_masked else "") + (
+            f" dropout={self.dropout:g}" if self.dropout else ""
+        )
+        return super().shape + extra
+
+
+def fast_path_cases(grid: Grid) -> list[FastPathCase]:
+    """Decode at the grid's token counts up to 16 (1 on the quick grid), gate/up and down; then at
+    M = 2048: the input-masked forward of o_proj, dropout in training, and the cached mask plan
+    (fwd+bwd, 50 % of outputs masked, also at 16 tokens)."""
+    decode_tokens = [tokens for tokens in grid.tokens if tokens <= 16] or [1]
+    cases = [
+        FastPathCase(name, *LLAMA7B_SHAPES[name], 8, tokens, fraction, False, path="decode")
+        for name in ("gate_up", "down")
+        for tokens in decode_tokens
+        for fraction in grid.masked_fractions
+    ]
+    qkvo, gate_up = LLAMA7B_SHAPES["qkvo"], LLAMA7B_SHAPES["gate_up"]
+    return [
+        *cases,
+        FastPathCase("o_proj", *qkvo, 8, 2048, 0.0, False, path="k_tiles", in_masked=True),
+        FastPathCase("gate_up", *gate_up, 8, 2048, 0.0, True, path="dropout_bits", dropout=0.05),
+        FastPathCase("gate_up", *gate_up, 8, 16, 0.5, True, path="mask_cache"),
+        FastPathCase("gate_up", *gate_up, 8, 2048, 0.5, True, path="mask_cache"),
+    ]
+
+
+def fast_path_inputs(case: FastPathCase, device: torch.device, seed: int) -> LinearInputs:
+    inputs = linear_inputs(case, device, seed)
+    if case.in_masked:
+        g = torch.Generator(device).manual_seed(seed + 1)
+        heads = torch.ones(case.in_features // HEAD_DIM, dtype=torch.bool, device=device)
+        heads[torch.randperm(heads.numel(), generator=g, device=device)[: heads.numel() // 2]] = False
+        inputs.in_mask = heads.repeat_interleave(HEAD_DIM)
+    inputs.plan = masked_lora_linear_module.masked_lora_linear_plan(inputs.out_mask, inputs.in_mask)
+    return inputs
+
+
+def _fast_paths(provider: str, case: FastPathCase) -> frozenset[str]:
+    every = frozenset(masked_lora_linear_module.FAST_PATHS)
+    return {"triton-old": frozenset(), "triton-path": frozenset({case.path}), "triton": every}[provider]
+
+
+def fast_path_provider(provider: str, case: FastPathCase) -> Callable[[LinearInputs], object]:
+    """One forward (or forward + backward) through the Triton kernels with the provider's fast paths."""
+    if provider == "dense":
+        return linear_provider("dense", case.backward)
+    kernel = importlib.import_module("loraprune.kernels.masked_lora_linear")
+    paths = _fast_paths(provider, case)
+
+    def run(t: LinearInputs) -> object:
+        plan = t.plan if "mask_cache" in paths else None  # otherwise built per call, as before
+        y = kernel.masked_lora_linear(
+            t.x, t.weight, None, t.lora_a, t.lora_b, SCALING, t.out_mask, t.in_mask, case.dropout,
+            case.dropout > 0, plan=plan, fast_paths=paths,
+        )  # fmt: skip
+        return torch.autograd.grad(y, (t.x, t.lora_a, t.lora_b), t.grad_y) if case.backward else y
+
+    return run
+
+
+def fast_path_reference(t: LinearInputs, case: FastPathCase, provider: str) -> object:
+    """float32 reference; with dropout, the keep-mask of the seed the kernels drew (the caller
+    restores the generator state the provider ran from)."""
+    if not case.dropout:
+        return linear_reference(t, case.backward)
+    kernel = importlib.import_module("loraprune.kernels.masked_lora_linear")
+    seed = kernel.draw_dropout_seed(t.x.device)
+    bits = "dropout_bits" in _fast_paths(provider, case)
+    keep = kernel.dropout_keep_mask(seed, *t.x.shape, case.dropout, dropout_bits=bits)
+    x, a, b = (v.detach().float().requires_grad_(case.backward) for v in (t.x, t.lora_a, t.lora_b))
+    lora_in = x * keep.float() / (1.0 - case.dropout)
+    y = F.linear(x, t.weight.float()) + SCALING * F.linear(F.linear(lora_in, a), b)
+    return torch.autograd.grad(y, (x, a, b), t.grad_y.float()) if case.backward else y
+
+
 # --- inputs --------------------------------------------------------------------------------------
 
 
@@ -298,6 +398,8 @@ class LinearInputs:
     lora_b: torch.Tensor
     out_mask: torch.Tensor | None
     grad_y: torch.Tensor | None
+    in_mask: torch.Tensor | None = None
+    plan: tuple | None = None  # fast-path cases: the masks' MaskPlan, built once as LoraPruneLinear caches it
 
 
 def linear_inputs(case: LinearCase, device: torch.device, seed: int) -> LinearInputs:
@@ -397,10 +499,11 @@ def unavailable_reason(kind: str, provider: str, device: torch.device) -> str | 
     module = {
         "importance": lora_importance_module,
         "linear": masked_lora_linear_module,
+        "fast_path": masked_lora_linear_module,
         "taylor": taylor_importance_module,
     }[kind]
-    if provider in ("triton", "cuda"):
-        return _op_unavailable_reason(module, provider, device)
+    if provider.startswith("triton") or provider == "cuda":  # triton-old, triton-path: FAST_PATH_PROVIDERS
+        return _op_unavailable_reason(module, provider.partition("-")[0], device)
     if provider == "compiled" and device.type != "cuda":
         return "torch.compile is timed on the GPU only"
     return None
@@ -475,7 +578,7 @@ def linear_reference(t: LinearInputs, backward: bool) -> object:
     """float32 reference of the forward (and of the three gradients)."""
     x, a, b = (v.detach().float().requires_grad_(backward) for v in (t.x, t.lora_a, t.lora_b))
     y = masked_lora_linear_module.masked_lora_linear_reference(
-        x, t.weight.float(), None, a, b, SCALING, t.out_mask
+        x, t.weight.float(), None, a, b, SCALING, t.out_mask, t.in_mask
     )
     return torch.autograd.grad(y, (x, a, b), t.grad_y.float()) if backward else y
 
@@ -518,6 +621,7 @@ def run_case(
     kind, reference = {
         ImportanceCase: ("importance", IMPORTANCE_REFERENCE),
         LinearCase: ("linear", LINEAR_REFERENCE),
+        FastPathCase: ("fast_path", FAST_PATH_REFERENCE),
         TaylorCase: ("taylor", TAYLOR_REFERENCE),
     }[type(case)]
     base = {
@@ -553,6 +657,13 @@ def _measure(
         def expected(tensors):
             return taylor_importance_module.taylor_importance_reference(*tensors, SCALING)
 
+    elif isinstance(case, FastPathCase):
+        run = fast_path_provider(provider, case)
+        make_inputs = fast_path_inputs
+
+        def expected(inputs):
+            return fast_path_reference(inputs, case, provider)
+
     elif isinstance(case, ImportanceCase):
         fn = importance_provider(provider)
         make_inputs, reference = importance_inputs, importance_reference
@@ -576,7 +687,9 @@ def _measure(
     ]
     note = f"{len(sets)} rotated input sets of {input_bytes(first) / MIB:.3g} MiB"
     if provider != "dense":  # the dense GEMM computes another function: it is the speed-of-light peer
-        error = relative_error(run(first), expected(first))  # also the warm-up that compiles and tunes
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            result = run(first)  # also the warm-up that compiles and tunes
+        error = relative_error(result, expected(first))  # a dropout reference draws the same seed again
         note += f"; rel. error {error:.1e}"
         if not error <= TOLERANCE:
             return recorder.record(Result(**base, status="wrong", note=note))

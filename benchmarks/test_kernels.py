@@ -12,15 +12,18 @@ import torch
 
 from benchmarks.harness import Recorder, cuda_event_clock
 from benchmarks.kernel_cases import (
+    FAST_PATH_PROVIDERS,
     FULL,
     IMPORTANCE_PROVIDERS,
     LINEAR_PROVIDERS,
     QUICK,
     TAYLOR_PROVIDERS,
+    FastPathCase,
     Grid,
     ImportanceCase,
     LinearCase,
     TaylorCase,
+    fast_path_cases,
     importance_cases,
     linear_cases,
     run_case,
@@ -52,6 +55,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         pairs = [(c, p) for c in importance_cases(grid) for p in IMPORTANCE_PROVIDERS]
     elif metafunc.function is test_taylor_importance:
         pairs = [(c, p) for c in taylor_cases(grid) for p in TAYLOR_PROVIDERS]
+    elif metafunc.function is test_masked_lora_linear_fast_paths:
+        pairs = [(c, p) for c in fast_path_cases(grid) for p in FAST_PATH_PROVIDERS]
     else:
         pairs = [(c, p) for c in linear_cases(grid) for p in LINEAR_PROVIDERS]
     metafunc.parametrize(("case", "provider"), pairs, ids=[f"{_case_id(c)}-{p}" for c, p in pairs])
@@ -78,5 +83,11 @@ def test_masked_lora_linear(
 
 def test_taylor_importance(
     benchmark, kernel_recorder: Recorder, case: TaylorCase, provider: str, rounds: int
+):
+    _check(run_case(benchmark, kernel_recorder, case, provider, rounds))
+
+
+def test_masked_lora_linear_fast_paths(
+    benchmark, kernel_recorder: Recorder, case: FastPathCase, provider: str, rounds: int
 ):
     _check(run_case(benchmark, kernel_recorder, case, provider, rounds))

@@ -841,3 +841,33 @@ def test_lora_prune_linear_builds_the_mask_plan_once_per_mask_version(monkeypatc
     check(4)
     monkeypatch.setenv("LORAPRUNE_MLL_FAST_PATHS", "k_tiles,dropout_bits,decode")  # no mask_cache
     check(4)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_fast_path_benchmark_cases_agree_with_their_reference(monkeypatch, path):
+    """benchmarks/kernel_cases.py's fast-path cases at a tiny size, float32, every provider but the
+    dense GEMM checked as the GPU run checks it (so the cases are ready for a GPU)."""
+    from conftest import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    from benchmarks import kernel_cases
+
+    monkeypatch.setattr(kernel_cases, "WEIGHT_DTYPE", torch.float32)
+    case = {
+        "decode": kernel_cases.FastPathCase("tiny", 256, 48, 4, 5, 0.5, False, path="decode"),
+        "k_tiles": kernel_cases.FastPathCase(
+            "tiny", 256, 48, 4, 20, 0.0, False, path="k_tiles", in_masked=True
+        ),
+        "dropout_bits": kernel_cases.FastPathCase(
+            "tiny", 64, 48, 4, 20, 0.0, True, path="dropout_bits", dropout=0.2
+        ),
+        "mask_cache": kernel_cases.FastPathCase("tiny", 64, 48, 4, 20, 0.5, True, path="mask_cache"),
+    }[path]
+    inputs = kernel_cases.fast_path_inputs(case, DEVICE, seed=0)
+    for provider in kernel_cases.FAST_PATH_PROVIDERS:
+        if provider == "dense":
+            continue
+        with torch.random.fork_rng(devices=[]):
+            result = kernel_cases.fast_path_provider(provider, case)(inputs)
+        expected = kernel_cases.fast_path_reference(inputs, case, provider)
+        assert kernel_cases.relative_error(result, expected) < 1e-4, provider
