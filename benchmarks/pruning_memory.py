@@ -5,16 +5,30 @@ every method), on random token batches, for each provider in a fresh subprocess 
 peak-memory accounting starts clean:
 
 - ``peft-lora``: plain PEFT LoRA fine-tuning (``get_peft_model``), forward + backward: the reference.
-- ``loraprune``: LoRAPrune with loraprune's default dispatch (fused kernels where available).
-- ``loraprune-reference``: the same with ``LORAPRUNE_BACKEND=torch`` (the PyTorch reference ops).
-- ``taylor``: the full-gradient criterion of LLM-Pruner (``criterion="taylor"``): weight gradients.
+- ``loraprune``: LoRAPrune (``criterion="lora"``) with loraprune's default dispatch (fused
+  kernels where available).
+- ``loraprune-reference``: the same with ``LORAPRUNE_BACKEND=torch`` (the PyTorch reference ops;
+  on the CPU the same as ``loraprune``, so left out there).
+- ``taylor``: the first-order Taylor criterion of LLM-Pruner computed fused (``taylor_impl="fused"``,
+  the default): from each layer's input and output gradient during the backward, no weight gradient.
+- ``taylor-materialized``: the same criterion from the frozen weights' real gradients.
+- ``act``: structure-level first-order Taylor from the o_proj / down_proj inputs.
 
 All use LoRA r=8, alpha 16, dropout 0.05 on the seven projections, masks all kept (the first
-step of iterative pruning). Peak memory is ``torch.cuda.max_memory_allocated`` over one step,
-weights included; its floor is what is resident before the step (weights, adapters, masks).
-The step-time floor is the step's matrix FLOPs at the calibrated matmul rate.
+step of iterative pruning). Peak memory over one step, weights included, is measured
+
+- on CUDA: ``torch.cuda.max_memory_allocated`` (peak reset before the step); its floor is
+  ``torch.cuda.memory_allocated`` before the step (weights, adapters, masks);
+- on the CPU: the process's peak resident set size, ``VmHWM`` of ``/proc/self/status``, reset by
+  writing ``5`` to ``/proc/self/clear_refs`` just before the step (Linux); its floor is ``VmRSS``
+  before the step. It counts the whole process (interpreter and libraries included), so compare
+  providers by their peak minus floor, the step's own memory.
+
+The step-time floor is the step's matrix FLOPs at the calibrated matmul rate (CUDA only; on the
+CPU one step is timed without warm-up and without a floor).
 
     python -m benchmarks.pruning_memory [--quick] [--layers N] [--batches 1,4] [--providers ...]
+    python -m benchmarks.pruning_memory --device cpu --layers 2 --batches 1 --seq-len 128 --dtype fp32
 """
 
 from __future__ import annotations
@@ -22,9 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +53,6 @@ from benchmarks.harness import (
     Recorder,
     Result,
     dtype_name,
-    require_cuda,
     results_table,
     time_calls,
 )
@@ -52,10 +67,12 @@ from benchmarks.models import (
 from loraprune import LoraPruneConfig, LoraPruner
 from loraprune.config import ALL_PROJECTIONS
 
-PROVIDERS = ("peft-lora", "loraprune", "loraprune-reference", "taylor")
+PROVIDERS = ("peft-lora", "loraprune", "loraprune-reference", "taylor", "taylor-materialized", "act")
+CRITERIA = {"loraprune": "lora", "loraprune-reference": "lora", "taylor": "taylor"}
+CRITERIA.update({"taylor-materialized": "taylor", "act": "act"})
 REFERENCE = "peft-lora"
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.05
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RESULT_PREFIX = "RESULT "
 
 
@@ -74,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument(
         "--timeout", type=int, default=600, help="seconds allowed to one provider's subprocess"
@@ -86,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = require_cuda("the pruning memory study")
-    if device is None:
-        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     if args.worker:
         measure_step(args, device)
         return 0
@@ -99,16 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         raise SystemExit(f"--providers: unknown {sorted(unknown)}; choose from {PROVIDERS}")
+    if device.type == "cpu":
+        providers = [p for p in providers if p != "loraprune-reference"]  # the CPU always takes torch
     dtype = DTYPES[args.dtype]
     recorder = Recorder(args.results_dir, "pruning", device)
-    recorder.calibrate([dtype])
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        recorder.calibrate([dtype])
+        torch.cuda.empty_cache()
     for batch in batches:
         for provider in sorted(providers, key=lambda p: p != REFERENCE):  # the reference first
             command = [
                 *("-m", "benchmarks.pruning_memory", "--worker", provider, "--batch", str(batch)),
                 *("--layers", str(layers), "--seq-len", str(args.seq_len), "--steps", str(steps)),
-                *("--dtype", args.dtype),
+                *("--dtype", args.dtype, "--device", device.type),
             ]
             outcome = run_worker(command, provider, args.timeout)
             record_step(recorder, outcome, provider, layers, batch, args.seq_len, dtype)
@@ -169,9 +190,22 @@ def record_step(
             floor=outcome["resident_bytes"] / GIB,
             floor_basis="resident model",
             repetitions=1,
-            note=f"weights {outcome['weight_bytes'] / GIB:.2f} GiB",
+            note=f"weights {outcome['weight_bytes'] / GIB:.2f} GiB; step's own "
+            f"{(outcome['peak_bytes'] - outcome['resident_bytes']) / GIB:.2f} GiB; {outcome['memory_kind']}",
         )
     )
+    if recorder.calibration is None:  # the CPU: one untimed-warm-up step, no floor
+        recorder.record(
+            Result(
+                "pruning_step_time",
+                **base,
+                value=statistics.median(outcome["step_seconds"]) * 1e3,
+                unit="ms",
+                repetitions=len(outcome["step_seconds"]),
+                note="one step, no warm-up",
+            )
+        )
+        return
     floor, basis = recorder.floor(outcome["weight_bytes"], outcome["flops"], dtype)
     recorder.record(
         Result(
@@ -189,9 +223,9 @@ def record_step(
 def measure_step(args: argparse.Namespace, device: torch.device) -> None:
     """The worker: build the model, set up one provider, measure one step; print one JSON line."""
     model = random_llama(llama7b_config(args.layers), device, DTYPES[args.dtype])
-    weight_bytes = torch.cuda.memory_allocated(device)
-    # forward and activation-gradient products (the weights are frozen); taylor adds weight gradients
-    products = 3 if args.worker == "taylor" else 2
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # forward and activation-gradient products (the weights are frozen); taylor adds dYᵀX
+    products = 3 if args.worker.startswith("taylor") else 2
     tokens = args.batch * args.seq_len
     flops = products * 2 * (projection_parameters(model) + model.lm_head.weight.numel()) * tokens
     flops += 3 * attention_flops(
@@ -209,16 +243,27 @@ def measure_step(args: argparse.Namespace, device: torch.device) -> None:
         update()
         model.zero_grad(set_to_none=True)
 
-    step_seconds = time_calls(step, device, repetitions=args.steps, warmup=2)
-    torch.cuda.synchronize(device)
-    resident = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        step_seconds = time_calls(step, device, repetitions=args.steps, warmup=2)
+        torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        resident = _proc_status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
+            handle.write("5")
+        started = time.perf_counter()
+        step()
+        step_seconds = [time.perf_counter() - started]
+        peak, kind = _proc_status_bytes("VmHWM"), "cpu peak RSS (VmHWM after clear_refs)"
     result = {
         "weight_bytes": weight_bytes,
         "resident_bytes": resident,
-        "peak_bytes": torch.cuda.max_memory_allocated(device),
+        "peak_bytes": peak,
+        "memory_kind": kind,
         "step_seconds": step_seconds,
         "flops": flops,
     }
@@ -238,12 +283,25 @@ def prepare(model: torch.nn.Module, provider: str) -> tuple[torch.nn.Module, Cal
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, peft_config), lambda: None
-    criterion = "taylor" if provider == "taylor" else "lora"
     config = LoraPruneConfig(
-        ratio=0.5, criterion=criterion, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT
+        ratio=0.5,
+        criterion=CRITERIA[provider],
+        taylor_impl="materialized" if provider == "taylor-materialized" else "fused",
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=LORA_DROPOUT,
     )
     pruner = LoraPruner(model, config)
     return pruner.model, pruner.update_scores
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), in bytes."""
+    with open("/proc/self/status") as handle:
+        match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (the CPU measurement needs Linux)")
+    return int(match.group(1)) * 1024
 
 
 if __name__ == "__main__":
