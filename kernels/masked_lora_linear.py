@@ -555,10 +555,10 @@ DECODE_MAX_ROWS = 16
 @triton.autotune(
     configs=tuning_configs(
         [
-            triton.Config({"BLOCK_P": 16, "BLOCK_Q": 256}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_P": 32, "BLOCK_Q": 256}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_warps=4, num_stages=5),
-            triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_P": 16, "BLOCK_Q": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_warps=4, num_stages=5),
+            triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64}, num_warps=4, num_stages=4),
         ],
         triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32}),
     ),
