@@ -1,16 +1,18 @@
 """Fused masked LoRA linear: ``Y = ((X⊙m_in) Wᵀ + b + s·drop(X⊙m_in) Aᵀ Bᵀ) ⊙ m_out``.
 
-Forward, two launches:
+Forward, two launches (one for decode, below):
 
 1. ``H = drop(X⊙m_in) Aᵀ`` (M×r), the skinny LoRA down-projection, computed once;
-2. one GEMM whose fp32 accumulator starts as ``H·(s·B)ᵀ`` (the up-projection as extra K-steps)
-   and then receives ``(X⊙m_in) Wᵀ``, with the bias and ``m_out`` applied in the epilogue.
+2. one GEMM whose fp32 accumulator starts as ``H·(s·B)ᵀ`` (a prologue before the K loop, not yet
+   extra K steps of it) and then receives ``(X⊙m_in) Wᵀ``, with the bias and ``m_out`` applied in
+   the epilogue.
 
 Output masks are gathered, not tiled. Pruned MLP channels (gate/up rows) are scattered: at 50 %
 masked almost no 64/128-wide tile of consecutive features is fully masked, so skipping whole
-tiles would save nothing. Per call, on the device and without a host synchronisation, the mask
-becomes a permutation ``order = argsort(~m_out, stable)`` (kept features first, ascending, then
-the masked ones) and a device scalar ``num_kept`` (:func:`kept_first`). The GEMM's tile ``j``
+tiles would save nothing. On the device and without a host synchronisation (per call, or once per
+mask version with ``mask_cache``), the mask becomes a permutation ``order = argsort(~m_out,
+stable)`` (kept features first, ascending, then the masked ones) and a device scalar ``num_kept``
+(:func:`~loraprune.ops.masked_lora_linear.masked_lora_linear_plan`). The GEMM's tile ``j``
 along ``out`` covers the features ``order[j·BLOCK_P:(j+1)·BLOCK_P]`` and is one of three kinds:
 
 - inside the kept prefix: it loads the W and B rows of its features by index (each W row is
@@ -57,9 +59,19 @@ columns and the tail are written).
 On the input side ``m_in`` masks dX's columns and dA's rows, and their tiles with all features
 masked (pruned heads of o_proj) skip their loops.
 
-Dropout keeps no mask: the keep-mask is a philox hash of (seed, row, column), recomputed wherever
-it is needed; the seed is a one-element device tensor drawn from torch's default generator, so
-``torch.manual_seed`` reproduces it without a host synchronisation.
+Dropout: the keep-mask is a philox hash of (seed, row, column); the seed is a one-element device
+tensor drawn from torch's default generator, so ``torch.manual_seed`` reproduces it without a host
+synchronisation. The old path draws one 10-round philox output per element and recomputes the
+mask wherever it is needed (H, dA, dX); the ``dropout_bits`` path draws four per 7-round call
+(:func:`_dropout_keep4`), and H's kernel stores the mask as one bit per element (M·in/8 bytes) that
+dA and dX read. With dropout 0 no seed is drawn and no kernel is compiled with dropout.
+
+Fast paths (``loraprune.ops.masked_lora_linear.FAST_PATHS``, each selectable next to the path it
+replaces until a GPU run compares them): ``mask_cache`` (the caller's cached
+:class:`~loraprune.ops.masked_lora_linear.MaskPlan`: no permutation rebuilt per call),
+``k_tiles`` (the input-masked forward's K loops visit the plan's kept K tiles only),
+``dropout_bits`` (above) and ``decode`` (M <= 16 without dropout: :func:`_decode_kernel`, one
+launch with the down-projection folded into the K loop).
 
 The public implementation is the custom op ``loraprune::masked_lora_linear`` (with its fake and
 autograd registered, so it traces under ``torch.compile``); ``masked_lora_linear`` wraps it with
@@ -215,7 +227,7 @@ def _lora_down_kernel(
     """``out[M, R] = (L ⊙ mask ⊙ drop) · Fᵀ`` for ``L`` (M×Q) and ``F`` (R×Q): the skinny LoRA
     down-projection ``H = drop(X⊙m_in) Aᵀ`` and, in the backward, ``G = (dY⊙m_out) B``. With
     ``COMPACT`` the kept columns of L are also written to ``LK`` (M×Q) in kept-first order, column
-    ``q`` at slot "kept columns before q" (its index in :func:`kept_first`'s order), so that L is
+    ``q`` at slot "kept columns before q" (its index in the kept-first order), so that L is
     read once, densely; the ``COMPACT_TAIL`` slots after the kept ones are zeroed, the rest of LK
     is left unwritten. With ``K_TILES`` the loop runs over the plan's kept K tiles only (tiles
     with every feature masked add zero). With ``STORE_BITS`` the dropout keep-mask comes from
