@@ -2,6 +2,7 @@
 # What a session with a lent GPU runs, in two device calls of under 10 minutes each:
 #   bash benchmarks/gpu_session.sh tests   # build the extension, GPU tests, compute-sanitizer memcheck
 #   bash benchmarks/gpu_session.sh bench   # the quick benchmark suite
+#   bash benchmarks/gpu_session.sh vllm    # vLLM throughput, dense vs pruned (only where vLLM is installed)
 #   bash benchmarks/gpu_session.sh fastpaths  # masked LoRA linear fast paths vs old path vs cuBLAS only
 # Prepare once on the development machine (the GPU machine has no network and no ../shared):
 #   mkdir -p .device/shared && cp -r ../shared/fixtures ../shared/data .device/shared/
@@ -9,7 +10,7 @@
 # 8 files): one log per stage, plus the benchmark CSVs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh tests|bench|fastpaths}
+stage=${1:?usage: gpu_session.sh tests|bench|vllm|fastpaths}
 out=${OUT:-$PWD/benchmarks/results}
 mkdir -p "$out"
 export LORAPRUNE_SHARED=${LORAPRUNE_SHARED:-$PWD/.device/shared} PYTHONUNBUFFERED=1
@@ -28,6 +29,9 @@ log="$out/$stage.log"
         ;;
     bench)
         python3 -m benchmarks.run_all --quick --results-dir "$out"
+        ;;
+    vllm)
+        python3 -m benchmarks.engine_vllm --shape llama7b --layers 8 --results-dir "$out"
         ;;
     fastpaths)  # also part of bench; alone when device time is short
         python3 -m pytest benchmarks/test_kernels.py --benchmark-only -q -p no:cacheprovider --quick \

@@ -6,8 +6,15 @@ import importlib.util
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from loraprune.integrations.vllm import ARCHITECTURES, check_tensor_parallel, layer_shapes, register
+from loraprune.integrations.vllm import (
+    ARCHITECTURES,
+    check_tensor_parallel,
+    layer_config,
+    layer_shapes,
+    register,
+)
 from loraprune.masks import prune_count
 from loraprune.structures import StructureGroup
 
@@ -126,3 +133,23 @@ def test_bad_tp_size_is_rejected(tp_size):
 def test_register_without_vllm_says_how_to_install():
     with pytest.raises(ImportError, match=r"loraprune\[vllm\]"):
         register()
+
+
+def test_layer_config_is_one_layer_of_a_compacted_model():
+    from tiny_models import tiny_model
+
+    from loraprune import LoraPruneConfig, LoraPruner
+
+    pruner = LoraPruner(tiny_model("llama-gqa-tied", layers=3), LoraPruneConfig(ratio=0.5, layers=(1,)))
+    pruner.set_group_mask(0, torch.tensor([True, False]))  # layer 1: one of two KV groups
+    pruner.set_group_mask(1, torch.arange(40) % 4 == 0)  # layer 1: 10 of 40 channels
+    config = pruner.compact().config
+    view = layer_config(config, 1, qkv_bias=True)
+    assert (view.num_attention_heads, view.num_key_value_heads, view.intermediate_size) == (3, 1, 10)
+    assert view.head_dim == 8 and view.qkv_bias  # pinned: hidden_size // 3 heads would be 16
+    assert (view.hidden_size, view.vocab_size) == (config.hidden_size, config.vocab_size)
+    dense = layer_config(config, 0)
+    assert (dense.num_attention_heads, dense.num_key_value_heads, dense.intermediate_size) == (6, 2, 40)
+    # the model's own config is left as it was
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (6, 2, 40)
+    assert not hasattr(config, "qkv_bias")
