@@ -304,6 +304,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
+    data_parallel = _join_data_parallel(args, device)
+    if data_parallel is not None and device.type == "cuda":
+        device = torch.device("cuda", data_parallel.local_rank)
         gqa_unit=args.gqa_unit,
         layers=args.layers,
         ranking=args.ranking,
@@ -334,7 +337,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model_dir, device, dtype, args.quantize_base)
     token_windows = windows(tokenize(tokenizer, read_text(args.data, "--data")), args.seq_len, "--data")
     amp_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
-    run = PruningRun(
+    run_class = PruningRun
+    if data_parallel is not None:
+        from loraprune.distributed import DistributedPruningRun as run_class
+    run = run_class(
         model,
         token_windows,
         prune_config,
@@ -360,6 +366,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     evaluations = [
         _perplexity(pruned, tokenizer, path, args.eval_seq_len, args.eval_max_windows, 8, args.quiet)
         for path in args.eval_data
+    if data_parallel is not None and not data_parallel.is_main:
+        return 0  # rank 0 compacts and writes the model and the report
     ]
     report = _prune_report(
         args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
@@ -371,6 +379,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     after = report["parameters"]
     _say(
         args,
+    report["processes"] = 1 if data_parallel is None else data_parallel.world_size
         f"pruned {args.model_dir} -> {out}: {after['before']:,} -> {after['after']:,} parameters "
         f"({after['after'] / after['before']:.1%}), final loss {summary.final_loss:.4f}",
     )
@@ -386,6 +395,18 @@ def _perplexity(
 
     return perplexity(
         model,
+def _join_data_parallel(args: argparse.Namespace, device: torch.device):
+    """Under ``torchrun`` with several processes, join the process group (only rank 0 talks)."""
+    from loraprune.distributed import init_data_parallel, launched_data_parallel
+
+    if not launched_data_parallel():
+        return None
+    data_parallel = init_data_parallel(device)
+    if not data_parallel.is_main:
+        args.quiet = True
+    return data_parallel
+
+
         tokenizer,
         data,
         seq_len=seq_len,

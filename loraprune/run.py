@@ -115,6 +115,8 @@ class PruningRun:
         progress: show a progress bar.
     """
 
+    pruner_class: type[LoraPruner] = LoraPruner  # loraprune.distributed swaps in its subclass
+
     def __init__(
         self,
         model: nn.Module,
@@ -128,7 +130,7 @@ class PruningRun:
         progress: bool = True,
     ) -> None:
         self.prune_config, self.run_config, self.seed = prune_config, run_config, seed
-        self.pruner = LoraPruner(model, prune_config)
+        self.pruner = self.pruner_class(model, prune_config)
         self.model = self.pruner.model
         self.device = next(self.model.parameters()).device
         self.sampler = WindowSampler(windows, run_config.batch_size, seed)
