@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="squared element importance (lora, taylor); the per-sequence Fisher form for act",
     )
     prune.add_argument(
+        "--lora-members",
+        default="all",
+        choices=["all", "rows"],
+        help="lora: score groups from all member matrices, or from the row members only (q/k/v, gate/up)",
+    )
+    prune.add_argument(
         "--mode",
         default="iterative",
         choices=["iterative", "oneshot"],
@@ -298,15 +304,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     out = _prepare_out_dir(args)
     device, dtype = _device_and_dtype(args)
+    data_parallel = _join_data_parallel(args, device)
+    if data_parallel is not None and device.type == "cuda":
+        device = torch.device("cuda", data_parallel.local_rank)
     prune_config = LoraPruneConfig(
         ratio=args.ratio,
         criterion=args.criterion,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-    data_parallel = _join_data_parallel(args, device)
-    if data_parallel is not None and device.type == "cuda":
-        device = torch.device("cuda", data_parallel.local_rank)
         gqa_unit=args.gqa_unit,
         layers=args.layers,
         ranking=args.ranking,
@@ -314,6 +320,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         taylor_impl=args.taylor_impl,
         squared=args.squared,
+        lora_members=args.lora_members,
         seed=args.seed,
         quantize_base=args.quantize_base,
     )
@@ -359,6 +366,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not summary.finished:
         _say(args, f"stopped after step {summary.steps_done}; continue with --resume")
         return 0
+    if data_parallel is not None and not data_parallel.is_main:
+        return 0  # rank 0 compacts and writes the model and the report
     status = run.pruner.status()
     pruned = run.pruner.compact()
     pruned.save_pretrained(out)
@@ -366,12 +375,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     evaluations = [
         _perplexity(pruned, tokenizer, path, args.eval_seq_len, args.eval_max_windows, 8, args.quiet)
         for path in args.eval_data
-    if data_parallel is not None and not data_parallel.is_main:
-        return 0  # rank 0 compacts and writes the model and the report
     ]
     report = _prune_report(
         args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
     )
+    report["processes"] = 1 if data_parallel is None else data_parallel.world_size
     from loraprune.io import atomic_write_text
 
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -379,7 +387,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     after = report["parameters"]
     _say(
         args,
-    report["processes"] = 1 if data_parallel is None else data_parallel.world_size
         f"pruned {args.model_dir} -> {out}: {after['before']:,} -> {after['after']:,} parameters "
         f"({after['after'] / after['before']:.1%}), final loss {summary.final_loss:.4f}",
     )
@@ -388,13 +395,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _perplexity(
-    model, tokenizer, data: str, seq_len: int, max_windows: int | None, batch_size: int, quiet: bool
-) -> dict:
-    from loraprune.evaluate import perplexity
-
-    return perplexity(
-        model,
 def _join_data_parallel(args: argparse.Namespace, device: torch.device):
     """Under ``torchrun`` with several processes, join the process group (only rank 0 talks)."""
     from loraprune.distributed import init_data_parallel, launched_data_parallel
@@ -407,6 +407,13 @@ def _join_data_parallel(args: argparse.Namespace, device: torch.device):
     return data_parallel
 
 
+def _perplexity(
+    model, tokenizer, data: str, seq_len: int, max_windows: int | None, batch_size: int, quiet: bool
+) -> dict:
+    from loraprune.evaluate import perplexity
+
+    return perplexity(
+        model,
         tokenizer,
         data,
         seq_len=seq_len,
