@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="squared element importance (lora, taylor); the per-sequence Fisher form for act",
     )
     prune.add_argument(
+        "--lora-members",
+        default="all",
+        choices=["all", "rows"],
+        help="lora: score groups from all member matrices, or from the row members only (q/k/v, gate/up)",
+    )
+    prune.add_argument(
         "--mode",
         default="iterative",
         choices=["iterative", "oneshot"],
@@ -314,6 +320,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         taylor_impl=args.taylor_impl,
         squared=args.squared,
+        lora_members=args.lora_members,
         seed=args.seed,
         quantize_base=args.quantize_base,
     )

@@ -10,6 +10,7 @@ CRITERIA = ("lora", "taylor", "act", "magnitude", "random")
 TAYLOR_IMPLS = ("fused", "materialized")
 # Criteria whose element importance has a squared form (``act``: its Fisher form).
 SQUARED_CRITERIA = ("lora", "taylor", "act")
+LORA_MEMBERS = ("all", "rows")
 GQA_UNITS = ("kv_group", "q_head")
 RANKINGS = ("local", "global")
 QUANTIZE_BASE = ("int8", "nf4")
@@ -46,6 +47,10 @@ class LoraPruneConfig:
         squared: element importance ``(G⊙W')²`` instead of ``|G⊙W'|`` (``lora``, ``taylor``);
             for ``act`` its Fisher form, the per-sequence square. Meaningless for ``magnitude``
             and ``random`` (rejected).
+        lora_members: which member matrices the ``lora`` estimate scores a group from: ``all``
+            (LoRAPrune), or ``rows`` (q/k/v and gate/up only): while ``B ≈ 0`` a column member's
+            estimate (o_proj, down_proj columns) is ``s·∇W·AᵀA``, every column's gradient mixed
+            into every other's (see ``benchmarks/criteria_probe.py`` for the measured effect).
         seed: seeds the LoRA initialisation and the ``random`` criterion.
         quantize_base: hold the frozen projections in bitsandbytes ``int8`` (LLM.int8()) or
             ``nf4`` layers while LoRA stays fp32 (see :mod:`loraprune.quantization`); ``None``:
@@ -67,6 +72,7 @@ class LoraPruneConfig:
     round_to: int = 1
     ema_decay: float = 0.9
     squared: bool = False
+    lora_members: str = "all"
     seed: int = 0
     quantize_base: str | None = None
 
@@ -77,6 +83,11 @@ class LoraPruneConfig:
         check_ratio(self.ratio, "ratio")
         _check_choice("criterion", self.criterion, CRITERIA)
         _check_choice("taylor_impl", self.taylor_impl, TAYLOR_IMPLS)
+        _check_choice("lora_members", self.lora_members, LORA_MEMBERS)
+        if self.lora_members != "all" and self.criterion != "lora":
+            raise ValueError(
+                f"lora_members applies to criterion 'lora' only, got criterion {self.criterion!r}"
+            )
         if self.squared and self.criterion not in SQUARED_CRITERIA:
             raise ValueError(
                 f"squared has no meaning for criterion {self.criterion!r} (it applies to "

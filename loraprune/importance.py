@@ -165,12 +165,16 @@ class ImportanceTracker:
         self.scores = [torch.zeros(g.num_units, dtype=torch.float32, device=device) for g in groups]
         self.num_updates = [torch.zeros((), dtype=torch.int64, device=device) for _ in groups]
         self.num_skipped = [torch.zeros((), dtype=torch.int64, device=device) for _ in groups]
+        self.lora_rows_only = config.lora_members == "rows"
         if self.criterion == "lora":
             for group in groups:
-                if not any(self._module(m).lora_A is not None for m in group.members):
+                if not any(
+                    self._module(m).lora_A is not None and not (self.lora_rows_only and m.axis == "in")
+                    for m in group.members
+                ):
                     raise ValueError(
-                        f"criterion 'lora' needs LoRA on at least one matrix of {group.name}; "
-                        "add its projections to target_modules"
+                        f"criterion 'lora' needs LoRA on at least one matrix of {group.name} "
+                        f"(lora_members {config.lora_members!r}); add its projections to target_modules"
                     )
         self.taylor_impl = config.taylor_impl
         if self.needs_weight_grad and any(
@@ -246,7 +250,7 @@ class ImportanceTracker:
         """One member's importance vector along its pruned axis (``None``: no LoRA to estimate from)."""
         module = self._module(member)
         if self.criterion == "lora":
-            if module.lora_A is None:
+            if module.lora_A is None or (self.lora_rows_only and member.axis == "in"):
                 return None
             if module.lora_A.grad is None or module.lora_B.grad is None:
                 raise RuntimeError(

@@ -246,3 +246,20 @@ def test_cli_rejects_bad_criteria_in_one_line(flags, message, tmp_path, capsys, 
     assert code == 2
     assert message in err[-1]
     assert not out.exists()
+
+
+def test_lora_rows_scores_from_the_row_members_only():
+    rows = scored("llama-gqa-tied", steps=2, prune_at=-1, criterion="lora", lora_members="rows")
+    pruner = make_pruner("llama-gqa-tied", criterion="lora")
+    row_groups = [
+        StructureGroup(g.layer, g.kind, g.num_units, tuple(m for m in g.members if m.axis == "out"))
+        for g in pruner.groups
+    ]
+    pruner.tracker = ImportanceTracker(pruner.model, row_groups, pruner.config)
+    for step in range(2):
+        backward(pruner, step)
+        pruner.update_scores()
+        pruner.model.zero_grad()
+    assert_same_scores(rows, pruner)
+    with pytest.raises(ValueError, match="lora_members applies to criterion 'lora' only"):
+        LoraPruneConfig(criterion="taylor", lora_members="rows")
