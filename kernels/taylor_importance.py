@@ -29,14 +29,17 @@ PARTIAL_BLOCK = 64
 # memory per block, and the epilogue's W and factor tiles need some too. Configs above it (fp32
 # operands with the larger tiles) are pruned before tuning.
 PIPELINE_SHARED_BYTES = 128 * 1024
-# Widest column tile for inputs whose rows are not 16-element aligned (Triton then loads element
-# by element): wider tiles spill (ptxas: up to 624 B per thread on sm_80, 392 on sm_90).
-UNALIGNED_BLOCK_K = 64
 
 
 def _config(block_n: int, block_k: int, block_m: int, num_warps: int, num_stages: int) -> triton.Config:
     meta = {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": block_m, "GROUP_N": 8}
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+# Rows that are not 16-element aligned are loaded element by element: the tuned tiles then spill
+# (ptxas, sm_80/sm_90: up to 624 B per thread at 128x128, 640 B for float32 at 64x64x64), this one
+# does not in any dtype.
+UNALIGNED_CONFIG = _config(64, 64, 32, num_warps=4, num_stages=3)
 
 
 def _pipeline_bytes(config: triton.Config, itemsize: int) -> int:
@@ -52,18 +55,13 @@ def _rows_aligned(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor) -
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs that compile without spills and fit in shared memory for these inputs: at most
-    ``UNALIGNED_BLOCK_K`` wide for unaligned rows, and no more than ``PIPELINE_SHARED_BYTES`` of
-    pipelined operand tiles in this operand dtype (float32 when the kernel upcasts). Keeps the
-    smallest if none is left."""
+    """The configs that fit these inputs: no more than ``PIPELINE_SHARED_BYTES`` of pipelined
+    operand tiles in the operand dtype (float32 when the kernel upcasts), keeping the smallest if
+    none does; for rows that are not 16-element aligned, ``UNALIGNED_CONFIG`` alone."""
+    if not named_args["rows_aligned"]:
+        return [UNALIGNED_CONFIG]
     itemsize = 4 if kwargs.get("UPCAST") else named_args["x_ptr"].element_size()
-    aligned = named_args["rows_aligned"]
-    fitting = [
-        c
-        for c in configs
-        if _pipeline_bytes(c, itemsize) <= PIPELINE_SHARED_BYTES
-        and (aligned or c.kwargs["BLOCK_K"] <= UNALIGNED_BLOCK_K)
-    ]
+    fitting = [c for c in configs if _pipeline_bytes(c, itemsize) <= PIPELINE_SHARED_BYTES]
     return fitting or [min(configs, key=lambda c: _pipeline_bytes(c, itemsize))]
 
 

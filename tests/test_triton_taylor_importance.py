@@ -174,7 +174,7 @@ def test_deterministic():
 
 def test_autotuning_candidates_fit_shared_memory_and_alignment():
     """Pruning before tuning: pipelined tiles within PIPELINE_SHARED_BYTES for the operand dtype,
-    and narrow column tiles when a row of X, dY or W is not 16-element aligned (wider ones spill)."""
+    and UNALIGNED_CONFIG alone when a row of X, dY or W is not 16-element aligned (others spill)."""
     configs = [
         kernel._config(128, 128, 64, num_warps=8, num_stages=3),
         kernel._config(128, 64, 64, num_warps=4, num_stages=4),
@@ -186,13 +186,14 @@ def test_autotuning_candidates_fit_shared_memory_and_alignment():
         grad_y, weight = torch.empty(8, 64, dtype=dtype), torch.empty(64, in_features, dtype=dtype)
         named = {"x_ptr": x, "rows_aligned": kernel._rows_aligned(x, grad_y, weight)}
         kept = kernel._prune_configs(configs, named, UPCAST=upcast)
-        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]) for c in kept]
 
-    assert candidates(256, torch.bfloat16) == [(128, 128), (128, 64), (64, 64)]
-    assert candidates(136, torch.bfloat16) == [(128, 64), (64, 64)]  # 136 = 8·17: unaligned rows
-    assert candidates(256, torch.bfloat16, offset=8) == [(128, 64), (64, 64)]  # misaligned base
-    assert candidates(256, torch.float32) == [(64, 64)]  # 4-byte operands: 128 KiB for 64x64
-    assert candidates(256, torch.bfloat16, upcast=True) == [(64, 64)]
+    assert candidates(256, torch.bfloat16) == [(128, 128, 64), (128, 64, 64), (64, 64, 64)]
+    assert candidates(136, torch.bfloat16) == [(64, 64, 32)]  # 136 = 8·17: unaligned rows
+    assert candidates(256, torch.bfloat16, offset=8) == [(64, 64, 32)]  # misaligned base
+    assert candidates(136, torch.float32) == [(64, 64, 32)]
+    assert candidates(256, torch.float32) == [(64, 64, 64)]  # 4-byte operands: 128 KiB for 64x64
+    assert candidates(256, torch.bfloat16, upcast=True) == [(64, 64, 64)]
 
 
 @requires_cuda
