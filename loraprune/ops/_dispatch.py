@@ -112,7 +112,10 @@ def _version_text(version: int) -> str:
 
 def _cuda_device_reason(device: torch.device) -> str | None:
     """Why the built extension cannot run on this CUDA device (``None`` when it can)."""
-    capability = torch.cuda.get_device_capability(device)
+    try:
+        capability = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError) as exc:  # a torch without CUDA, or no usable device
+        return f"the CUDA device cannot be queried ({exc})"
     archs, runtime = cuda_extension_build()
     if capability < CUDA_MIN_CAPABILITY:
         return (
@@ -184,12 +187,14 @@ def resolve(
         return forced, _load(implementations[forced])
     candidates = BACKENDS[BACKENDS.index(forced) + 1 :] if forced else BACKENDS
     for name in candidates:
+        if name not in implementations:
+            continue
         runs_here = name == "torch" or (
             device.type == "cuda"
             and name not in unsupported
             and backend_unavailable_reason(name, device) is None
         )
-        if name in implementations and runs_here:
+        if runs_here:
             return name, _load(implementations[name])
     raise BackendUnavailableError(f"{op}: no backend can run on {device}")  # torch always can
 
