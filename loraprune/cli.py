@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model is written dense in --dtype",
     )
     prune.add_argument(
+        "--device-map",
+        default=None,
+        metavar="auto|balanced|FILE.json",
+        help="hold the model over several devices (accelerate's big-model dispatch): whole layers per "
+        "device, from a JSON map of module name -> device",
+    )
+    prune.add_argument(
         "--save-every", type=_non_negative_int, default=50, help="checkpoint period in steps (0: off)"
     )
     prune.add_argument(
@@ -266,13 +273,24 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
     return device, dtype
 
 
-def _load(model_dir: str, device: torch.device, dtype: torch.dtype, quantize_base: str | None = None):
+def _load(
+    model_dir: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize_base: str | None = None,
+    device_map: str | dict | None = None,
+):
     from loraprune.io import check_model_dir, load_model, load_tokenizer
 
     check_model_dir(model_dir, "MODEL_DIR")
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise CliError(f"MODEL_DIR: {model_dir} has no tokenizer (save one with the model)")
+    if device_map is not None:
+        from loraprune.device_map import load_dispatched_model
+
+        model = load_dispatched_model(model_dir, device_map, dtype=dtype, quantize_base=quantize_base)
+        return model, tokenizer
     if quantize_base is None:
         return load_model(model_dir, dtype=dtype, device=device), tokenizer
     from loraprune.quantization import load_quantized_model
@@ -307,6 +325,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data_parallel = _join_data_parallel(args, device)
     if data_parallel is not None and device.type == "cuda":
         device = torch.device("cuda", data_parallel.local_rank)
+    device_map = _device_map(args, data_parallel)
     prune_config = LoraPruneConfig(
         ratio=args.ratio,
         criterion=args.criterion,
@@ -341,7 +360,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for path in args.eval_data:
         if not Path(path).exists():
             raise CliError(f"--eval-data: {path} does not exist")
-    model, tokenizer = _load(args.model_dir, device, dtype, args.quantize_base)
+    model, tokenizer = _load(args.model_dir, device, dtype, args.quantize_base, device_map)
     token_windows = windows(tokenize(tokenizer, read_text(args.data, "--data")), args.seq_len, "--data")
     amp_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
     run_class = PruningRun
@@ -393,6 +412,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for evaluation in evaluations:
         _say(args, f"perplexity {evaluation['perplexity']:.3f} on {evaluation['dataset']}")
     return 0
+
+
+def _device_map(args: argparse.Namespace, data_parallel) -> str | dict | None:
+    """The checked ``--device-map`` (before anything is loaded or written)."""
+    if args.device_map is None:
+        return None
+    if data_parallel is not None:
+        raise CliError("--device-map: one process over several devices cannot also run under torchrun")
+    from loraprune.device_map import parse_device_map
+    from loraprune.io import check_model_dir
+
+    check_model_dir(args.model_dir, "MODEL_DIR")
+    return parse_device_map(args.device_map, args.model_dir, "--device-map")
 
 
 def _join_data_parallel(args: argparse.Namespace, device: torch.device):

@@ -152,7 +152,7 @@ class ImportanceTracker:
     """Running importance scores of every structure group of a model.
 
     Call :meth:`update` after each backward pass (with unscaled gradients), before the
-    optimizer zeroes them. Scores, update and skip counters live on the model's device.
+    optimizer zeroes them. Scores, update and skip counters live on each group's layer's device.
     """
 
     def __init__(self, model: nn.Module, groups: list[StructureGroup], config: LoraPruneConfig) -> None:
@@ -161,10 +161,14 @@ class ImportanceTracker:
         self.criterion = config.criterion
         self.decay = config.ema_decay
         self.squared = config.squared
-        device = next(model.parameters()).device
-        self.scores = [torch.zeros(g.num_units, dtype=torch.float32, device=device) for g in groups]
-        self.num_updates = [torch.zeros((), dtype=torch.int64, device=device) for _ in groups]
-        self.num_skipped = [torch.zeros((), dtype=torch.int64, device=device) for _ in groups]
+        # each group's state lives on its layer's device (a model may span several, see device_map)
+        devices = [self._module(g.members[0]).out_mask.device for g in groups]
+        self.scores = [
+            torch.zeros(g.num_units, dtype=torch.float32, device=d)
+            for g, d in zip(groups, devices, strict=True)
+        ]
+        self.num_updates = [torch.zeros((), dtype=torch.int64, device=d) for d in devices]
+        self.num_skipped = [torch.zeros((), dtype=torch.int64, device=d) for d in devices]
         self.lora_rows_only = config.lora_members == "rows"
         if self.criterion == "lora":
             for group in groups:
