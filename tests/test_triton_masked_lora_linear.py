@@ -387,9 +387,11 @@ def test_every_output_element_is_written(monkeypatch, dtype, mask_kind, paths):
     assert not actual[0][:, ~out_mask].any() and not actual[3][~out_mask].any()
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("tokens", [17, 5], ids=["prefill", "decode"])
+def test_non_contiguous_inputs(tokens, paths):
     in_features, out_features, rank = 40, 36, 5
-    layer = make_layer((17,), in_features, out_features, rank)
+    layer = make_layer((tokens,), in_features, out_features, rank)
     out_mask, in_mask = make_masks("both_random", out_features, in_features)
     expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
     strided = dict(layer)
@@ -399,7 +401,7 @@ def test_non_contiguous_inputs():
     strided["lora_a"] = layer["lora_a"].detach().t().contiguous().t().requires_grad_()
     strided["lora_b"] = layer["lora_b"].detach().t().contiguous().t().requires_grad_()
     assert not strided["x"].is_contiguous() and not strided["weight"].is_contiguous()
-    actual = run(kernel.masked_lora_linear, strided, out_mask, in_mask)
+    actual = run(with_paths(paths), strided, out_mask, in_mask)
     for got, want in zip(actual, expected, strict=True):
         assert_close(got, want, torch.float32)
 
@@ -754,10 +756,11 @@ def test_llama_shapes_half_precision(dtype, in_out, rank):
 
 
 @requires_cuda
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("rank", [8, 64])
 @pytest.mark.parametrize("projection", ["gate_up", "down"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_llama_mlp_shapes_scattered_masks_half_precision(dtype, projection, rank):
+def test_llama_mlp_shapes_scattered_masks_half_precision(dtype, projection, rank, paths):
     """Half the MLP channels pruned at scattered positions: the rows of gate/up (gathered output
     features), the columns of down (input mask)."""
     hidden, intermediate = 4096, 11008
@@ -769,11 +772,28 @@ def test_llama_mlp_shapes_scattered_masks_half_precision(dtype, projection, rank
         out_mask, in_mask = None, scattered_mask(intermediate, intermediate // 2)
     layer = make_layer((2, 300), in_features, out_features, rank, dtype=dtype)
     exact = exact_reference(layer, out_mask, in_mask)
-    actual = run(kernel.masked_lora_linear, layer, out_mask, in_mask)
+    actual = run(with_paths(paths), layer, out_mask, in_mask)
     for got, want in zip(actual, exact, strict=True):
         assert_close(got, want.to(got.dtype), dtype)
     if out_mask is not None:
         assert not actual[0][..., ~out_mask].any() and not actual[3][~out_mask].any()
+
+
+@requires_cuda
+@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("rank", [8, 64])
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("projection", ["gate_up", "down"])
+def test_llama_decode_shapes_bfloat16(projection, tokens, rank, paths):
+    """Decode sizes: the fast paths take the one-launch decode kernel, the old ones the GEMM."""
+    in_features, out_features = (4096, 11008) if projection == "gate_up" else (11008, 4096)
+    layer = make_layer((tokens,), in_features, out_features, rank, dtype=torch.bfloat16)
+    out_mask = scattered_mask(out_features, out_features // 2) if projection == "gate_up" else None
+    in_mask = scattered_mask(in_features, in_features // 2) if projection == "down" else None
+    exact = exact_reference(layer, out_mask, in_mask)
+    actual = run(with_paths(paths), layer, out_mask, in_mask)
+    for got, want in zip(actual, exact, strict=True):
+        assert_close(got, want.to(got.dtype), torch.bfloat16)
 
 
 @requires_cuda
