@@ -36,10 +36,10 @@ def _config(block_n: int, block_k: int, block_m: int, num_warps: int, num_stages
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# Rows that are not 16-element aligned are loaded element by element: the tuned tiles then spill
-# (ptxas, sm_80/sm_90: up to 624 B per thread at 128x128, 640 B for float32 at 64x64x64), this one
-# does not in any dtype.
-UNALIGNED_CONFIG = _config(64, 64, 32, num_warps=4, num_stages=3)
+# Rows that are not 16-element aligned (loaded element by element) and X/dY of different dtypes
+# (both upcast to float32 in registers) make the tuned tiles spill (ptxas, sm_80/sm_90: up to
+# 624 B per thread at 128x128, 640 B for float32 at 64x64x64); this one does not, in any dtype.
+FALLBACK_CONFIG = _config(64, 64, 32, num_warps=4, num_stages=3)
 
 
 def _pipeline_bytes(config: triton.Config, itemsize: int) -> int:
@@ -56,11 +56,11 @@ def _rows_aligned(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor) -
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs that fit these inputs: no more than ``PIPELINE_SHARED_BYTES`` of pipelined
-    operand tiles in the operand dtype (float32 when the kernel upcasts), keeping the smallest if
-    none does; for rows that are not 16-element aligned, ``UNALIGNED_CONFIG`` alone."""
-    if not named_args["rows_aligned"]:
-        return [UNALIGNED_CONFIG]
-    itemsize = 4 if kwargs.get("UPCAST") else named_args["x_ptr"].element_size()
+    operand tiles in the operand dtype, keeping the smallest if none does; ``FALLBACK_CONFIG``
+    alone for rows that are not 16-element aligned and for X and dY of different dtypes."""
+    if kwargs.get("UPCAST") or not named_args["rows_aligned"]:
+        return [FALLBACK_CONFIG]
+    itemsize = named_args["x_ptr"].element_size()
     fitting = [c for c in configs if _pipeline_bytes(c, itemsize) <= PIPELINE_SHARED_BYTES]
     return fitting or [min(configs, key=lambda c: _pipeline_bytes(c, itemsize))]
 
