@@ -1,0 +1,222 @@
+"""Quantized frozen base: pruning-step memory (bf16 / int8 / nf4) and the quality it costs.
+
+``memory``: one LoRAPrune step (forward, backward, ``lora`` importance update) on a
+LLaMA-7B-width model (hidden 4096, MLP 11008, vocabulary 32000) with 1 and 2 decoder layers, each
+base in a fresh subprocess. The CPU has no allocator statistics, so the peak is the process's
+resident-set high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` after the
+model is built and one warm-up step has run, and read after the measured step: weights, LoRA
+state, activations and every temporary of the step, plus the Python/PyTorch runtime. Big
+allocations are made ``mmap``-backed (``MALLOC_MMAP_THRESHOLD_``) so that freed memory leaves the
+resident set. The per-layer figure is peak(2 layers) − peak(1 layer); from it and the rest, the
+estimates for LLaMA-7B/13B/65B/70B are extrapolations (see :func:`estimate`).
+
+``quality``: the same 50% LoRAPrune run on the tiny-llama fixture through the CLI with a float
+base (fp32, bf16) and a quantized one (int8, nf4), and the pruned models' WikiText-2 perplexity.
+
+    python -m benchmarks.quantized_base memory [--seq-len 256]
+    python -m benchmarks.quantized_base quality [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, shared_dir
+
+BASES = ("bf16", "int8", "nf4")
+RESULT_PREFIX = "RESULT "
+DEVICE = "2-core CPU dev machine"
+# bytes per weight: int8 adds one fp32 scale per row; nf4 one fp32 scale per 64 elements
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+# (hidden, MLP, layers, KV heads of 128-wide heads, vocabulary) of the published models
+MODELS = {
+    "LLaMA-7B": (4096, 11008, 32, 32, 32000),
+    "LLaMA-13B": (5120, 13824, 40, 40, 32000),
+    "LLaMA-65B": (8192, 22016, 80, 64, 32000),
+    "LLaMA-2-70B": (8192, 28672, 80, 8, 32000),
+}
+GIB = 2**30
+
+
+def layer_weights(hidden: int, mlp: int, kv_heads: int) -> int:
+    kv = kv_heads * 128
+    return hidden * (2 * hidden + 2 * kv) + 3 * hidden * mlp
+
+
+def resident_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def memory_worker(base: str, layers: int, seq_len: int) -> dict:
+    from benchmarks.models import llama7b_config, random_llama
+    from loraprune import LoraPruneConfig, LoraPruner
+
+    torch.manual_seed(0)
+    model = random_llama(llama7b_config(layers), torch.device("cpu"), torch.bfloat16)
+    quantize = None if base == "bf16" else base
+    pruner = LoraPruner(
+        model,
+        LoraPruneConfig(ratio=0.5, quantize_base=quantize, lora_dropout=0.0, layers=tuple(range(layers))),
+    )
+    pruner.model.train()
+    tokens = torch.randint(0, 32000, (1, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        pruner.model(input_ids=tokens, labels=tokens).loss.backward()
+        pruner.update_scores()
+        pruner.model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: LoRA gradients, bitsandbytes state
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    resident = resident_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    step()
+    return {"resident_bytes": resident * 1024, "peak_bytes": resident_kib("VmHWM") * 1024}
+
+
+def run_memory(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for base in BASES:
+        for layers in (1, 2):
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "2"}
+            command = [sys.executable, "-m", "benchmarks.quantized_base", "_worker", base, str(layers)]
+            command += ["--seq-len", str(args.seq_len)]
+            done = subprocess.run(
+                command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800
+            )
+            line = next((x for x in done.stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
+            if done.returncode or line is None:
+                raise RuntimeError(f"{base}/{layers} layers failed:\n{done.stderr[-3000:]}")
+            result = json.loads(line.removeprefix(RESULT_PREFIX))
+            rows.append({"base": base, "layers": layers, "seq_len": args.seq_len, **result})
+            print(f"{base} {layers} layer(s): peak {result['peak_bytes'] / GIB:.3f} GiB", flush=True)
+    return rows
+
+
+def estimate(rows: list[dict]) -> list[dict]:
+    """Peak memory of a full model per base, extrapolated from the measured 1- and 2-layer peaks.
+
+    per layer (measured) = weights (known bytes) + the rest (saved activations, LoRA factors,
+    gradients and Adam state); the rest is scaled by the layer's widths (hidden + MLP) relative
+    to LLaMA-7B, the weights by the layer's parameter count. The 1-layer peak minus one layer is
+    the fixed part (embeddings and LM head in bf16, logits, step temporaries, runtime); its
+    embedding/LM-head bytes are rescaled to the model's hidden size.
+    """
+    hidden7, mlp7, _, kv7, vocab = MODELS["LLaMA-7B"]
+    out = []
+    for base in BASES:
+        peak = {r["layers"]: r["peak_bytes"] for r in rows if r["base"] == base}
+        per_layer = peak[2] - peak[1]
+        rest = per_layer - layer_weights(hidden7, mlp7, kv7) * BYTES_PER_WEIGHT[base]
+        fixed = peak[1] - per_layer - 2 * vocab * hidden7 * 2
+        for name, (hidden, mlp, layers, kv_heads, vocabulary) in MODELS.items():
+            layer = layer_weights(hidden, mlp, kv_heads) * BYTES_PER_WEIGHT[base]
+            layer += rest * (hidden + mlp) / (hidden7 + mlp7)
+            total = fixed + 2 * vocabulary * hidden * 2 + layers * layer
+            out.append({"model": name, "base": base, "estimated_peak_bytes": total})
+    return out
+
+
+def run_quality(args: argparse.Namespace) -> list[dict]:
+    shared = shared_dir()
+    rows = []
+    for name, dtype, quantize in (
+        ("fp32", "float32", None),
+        ("bf16", "bfloat16", None),
+        ("int8", "float32", "int8"),
+        ("nf4", "float32", "nf4"),
+    ):
+        with tempfile.TemporaryDirectory() as out:
+            command = [
+                sys.executable,
+                "-m",
+                "loraprune.cli",
+                "prune",
+                str(shared / "fixtures" / "tiny-llama"),
+            ]
+            command += ["--data", str(shared / "data" / "calib-wikitext103-train-part.txt"), "--out", out]
+            command += [
+                "--ratio",
+                "0.5",
+                "--steps",
+                str(args.steps),
+                "--prune-every",
+                "4",
+                "--seq-len",
+                "128",
+            ]
+            command += ["--batch-size", "4", "--dtype", dtype, "--device", "cpu", "--overwrite", "--quiet"]
+            command += ["--eval-data", str(shared / "data" / "wikitext-2" / "test.txt")]
+            command += ["--eval-seq-len", "128", "--eval-max-windows", str(args.eval_windows)]
+            if quantize:
+                command += ["--quantize-base", quantize]
+            subprocess.run(command, cwd=REPO_ROOT, check=True, timeout=3600)
+            report = json.loads((Path(out) / "prune_report.json").read_text())
+        rows.append(
+            {
+                "base": name,
+                "steps": args.steps,
+                "perplexity": report["eval"][0]["perplexity"],
+                "final_loss": report["final_loss"],
+                "wall_time_s": report["wall_time_s"],
+            }
+        )
+        print(f"{name}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    rows = [{"date": date, "device": DEVICE, "torch": torch.__version__, **r} for r in rows]
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", choices=["memory", "quality", "_worker"])
+    parser.add_argument("base", nargs="?")
+    parser.add_argument("layers", nargs="?", type=int)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.study == "_worker":
+        print(RESULT_PREFIX + json.dumps(memory_worker(args.base, args.layers, args.seq_len)))
+        return 0
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.study == "memory":
+        rows = run_memory(args)
+        reference = {r["layers"]: r["peak_bytes"] for r in rows if r["base"] == "bf16"}
+        for row in rows:
+            row["ratio_to_bf16"] = row["peak_bytes"] / reference[row["layers"]]
+        write_csv(args.results_dir / "quantized_base_memory.csv", rows)
+        estimates = estimate(rows)
+        write_csv(args.results_dir / "quantized_base_estimates.csv", estimates)
+        for row in estimates:
+            print(f"{row['model']} {row['base']}: {row['estimated_peak_bytes'] / GIB:.1f} GiB (extrapolated)")
+    else:
+        rows = run_quality(args)
+        write_csv(args.results_dir / "quantized_base_quality.csv", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
