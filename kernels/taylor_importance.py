@@ -13,6 +13,10 @@ small ``torch.sum`` calls. The partial buffers must not depend on the tile size 
 picks (they are allocated before it picks), so they have one slot per ``PARTIAL_BLOCK`` rows or
 columns: a tile ``ratio = BLOCK/PARTIAL_BLOCK`` slots wide writes its sum to the first slot it
 covers and zeros to the others, so that every slot is written exactly once by one program.
+
+Registers (``tests/triton_compile_only.py``, triton 3.9, 2026-12-02): every config compiled for
+sm_80 and sm_90 in fp16/bf16/fp32, ranks 1, 8, 64 and none, aligned and odd shapes, 94-255
+registers per thread and no spills; the rank loop holds no state, so higher ranks cost time only.
 """
 
 from __future__ import annotations
