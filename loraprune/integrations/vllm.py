@@ -94,7 +94,7 @@ def check_tensor_parallel(config: Any, tp_size: int) -> None:
         if width % tp_size:
             problems.append(
                 f"layer {index}: MLP width {width} does not split over {tp_size} ranks "
-                f"({_mlp_advice(config, width, tp_size)})"
+                f"({_mlp_advice(config, tp_size)})"
             )
     if problems:
         raise ValueError(
@@ -124,14 +124,15 @@ def _attention_advice(config: Any, kept_heads: int, tp_size: int) -> str:
 
 
 def _ratio_advice(units: int, kept: int, multiple: int, what: str) -> str:
-    keep = min(units // multiple, max(1, round(kept / multiple))) * multiple
+    most = units // multiple - (units > multiple)  # still pruning some, where a smaller multiple exists
+    keep = min(most, max(1, round(kept / multiple))) * multiple
     return (
         f"prune with a --ratio that keeps a multiple of {multiple} of the {units} {what}, "
         f"e.g. --ratio {(units - keep) / units:.4g} keeps {keep}"
     )
 
 
-def _mlp_advice(config: Any, width: int, tp_size: int) -> str:
+def _mlp_advice(config: Any, tp_size: int) -> str:
     if config.intermediate_size % tp_size:
         return f"the unpruned model's width {config.intermediate_size} does not split either"
     example = math.lcm(tp_size, 128)
