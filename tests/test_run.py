@@ -95,11 +95,19 @@ def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
 
 
 def test_taylor_frees_weight_gradients_after_the_last_pruning_step(tmp_path):
-    run = make_run(tmp_path, criterion="taylor")
+    run = make_run(tmp_path, criterion="taylor", taylor_impl="materialized")
     q_proj = run.model.get_submodule("model.layers.0.self_attn.q_proj")
     assert q_proj.weight.requires_grad
     run.run()
     assert not q_proj.weight.requires_grad and q_proj.weight.grad is None
+
+
+def test_fused_taylor_stops_its_backward_hooks_after_the_last_pruning_step(tmp_path):
+    run = make_run(tmp_path, criterion="taylor")
+    q_proj = run.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert q_proj.score_capture is not None and not q_proj.weight.requires_grad
+    run.run()
+    assert q_proj.score_capture is None and q_proj.weight.grad is None
 
 
 def test_perplexity_equals_exp_of_the_model_loss(tmp_path):
