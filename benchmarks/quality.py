@@ -384,7 +384,8 @@ def write_report(csv_path: Path, results_dir: Path) -> None:
 
 
 def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> None:
-    """Perplexity vs ratio per method, one panel per fixture × pair (first eval set), std error bars."""
+    """Perplexity per method and ratio (mean, std error bars), one panel per fixture × pair, for the
+    budget with the most results (first eval set of each pair; dashed: the dense fixture)."""
     try:
         import matplotlib
 
@@ -393,37 +394,40 @@ def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> No
     except ImportError:
         print("quality.png not written: matplotlib is not installed (pip install matplotlib)")
         return
-    panels = list(dict.fromkeys(k[:2] for k in values))
-    if not panels:
+    pruned = [k for k in values if k[2] != REFERENCE]
+    if not pruned:
         return
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, (budget, dtype) in zip(axes[0], panels, strict=True):
-        subset = {k: v for k, v in values.items() if k[:2] == (budget, dtype)}
+    budgets = [k[0].split(" steps=", 1)[1] for k in pruned]
+    budget = max(dict.fromkeys(budgets), key=budgets.count)
+    panels = list(dict.fromkeys(k[:2] for k in pruned if k[0].endswith(" steps=" + budget)))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        subset = {k: v for k, v in values.items() if k[:2] == panel}
         benchmark = next(iter(dict.fromkeys(k[3] for k in subset)))
-        methods: dict[str, list[tuple[float, float, float]]] = {}
-        for (_, _, provider, column), found in subset.items():
-            if column != benchmark or provider == REFERENCE:
-                continue
-            method, ratio = provider.rsplit(" ", 1)
-            mean, std = mean_std(found)
-            methods.setdefault(method, []).append((float(ratio.rstrip("%")), mean, std))
-        finetuned = methods.pop(FINETUNE, [])
-        for method in sorted(methods, key=lambda m: _provider_order(f"{m} 0%")):
-            points = sorted(methods[method] + finetuned)
-            ax.errorbar(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                yerr=[p[2] for p in points],
-                label=method,
-                marker="o",
-                capsize=3,
-            )
+        providers = sorted((k[2] for k in subset if k[3] == benchmark), key=_provider_order)
+        methods = list(dict.fromkeys(p.rsplit(" ", 1)[0] for p in providers if p != REFERENCE))
+        ratios = sorted(
+            {p.rsplit(" ", 1)[1] for p in providers if p != REFERENCE}, key=lambda r: float(r[:-1])
+        )
+        for offset, ratio in enumerate(ratios):
+            xs, ys, errors = [], [], []
+            for index, method in enumerate(methods):
+                found = subset.get((*panel, f"{method} {ratio}", benchmark))
+                if found:
+                    mean, std = mean_std(found)
+                    xs.append(index + 0.15 * (offset - (len(ratios) - 1) / 2))
+                    ys.append(mean)
+                    errors.append(std)
+            ax.errorbar(xs, ys, yerr=errors, fmt="o", capsize=3, label=ratio)
+        dense = subset.get((*panel, REFERENCE, benchmark))
+        if dense:
+            ax.axhline(mean_std(dense)[0], linestyle="--", color="grey", label="dense")
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
         ax.set_yscale("log")
-        ax.set_xlabel("pruning ratio (%)")
         ax.set_ylabel(benchmark.removeprefix("perplexity "))
-        ax.set_title(budget.split(" steps=")[0], fontsize=9)
+        ax.set_title(panel[0].split(" steps=")[0], fontsize=9)
         ax.legend(fontsize=7)
-    figure.suptitle(f"perplexity after pruning ({next(iter(panels))[0].split(' ', 2)[2]})", fontsize=9)
+    figure.suptitle(f"perplexity after pruning, mean ± std over seeds (steps={budget})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
