@@ -21,7 +21,7 @@ if [ ! -f "$ENV_DIR/.complete" ]; then
     # These come in as dependencies but are built against a CUDA torch and fail to load with the CPU one,
     # which breaks `import vllm`; nothing here needs them.
     "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-    "$PY" -m pip install -q pytest
+    "$PY" -m pip install -q pytest==9.0.3  # the version .ci/requirements.txt pins
     touch "$ENV_DIR/.complete"
 fi
 # Always (cheap): point the environment at this checkout, so its entry point and code are the ones tested.
