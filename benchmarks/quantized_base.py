@@ -130,15 +130,14 @@ def estimate(rows: list[dict]) -> list[dict]:
 
 
 def run_quality(args: argparse.Namespace) -> list[dict]:
+    """The four CLI runs side by side (each one process), then their reports."""
     shared = shared_dir()
-    rows = []
-    for name, dtype, quantize in (
-        ("fp32", "float32", None),
-        ("bf16", "bfloat16", None),
-        ("int8", "float32", "int8"),
-        ("nf4", "float32", "nf4"),
-    ):
-        with tempfile.TemporaryDirectory() as out:
+    bases = (("fp32", "float32", None), ("bf16", "bfloat16", None), ("int8", "float32", "int8"))
+    bases += (("nf4", "float32", "nf4"),)
+    with tempfile.TemporaryDirectory() as root:
+        jobs = []
+        for name, dtype, quantize in bases:
+            out = Path(root) / name
             command = [
                 sys.executable,
                 "-m",
@@ -146,7 +145,12 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
                 "prune",
                 str(shared / "fixtures" / "tiny-llama"),
             ]
-            command += ["--data", str(shared / "data" / "calib-wikitext103-train-part.txt"), "--out", out]
+            command += [
+                "--data",
+                str(shared / "data" / "calib-wikitext103-train-part.txt"),
+                "--out",
+                str(out),
+            ]
             command += [
                 "--ratio",
                 "0.5",
@@ -157,23 +161,28 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
                 "--seq-len",
                 "128",
             ]
-            command += ["--batch-size", "4", "--dtype", dtype, "--device", "cpu", "--overwrite", "--quiet"]
+            command += ["--batch-size", "4", "--dtype", dtype, "--device", "cpu", "--quiet"]
             command += ["--eval-data", str(shared / "data" / "wikitext-2" / "test.txt")]
             command += ["--eval-seq-len", "128", "--eval-max-windows", str(args.eval_windows)]
             if quantize:
                 command += ["--quantize-base", quantize]
-            subprocess.run(command, cwd=REPO_ROOT, check=True, timeout=3600)
-            report = json.loads((Path(out) / "prune_report.json").read_text())
-        rows.append(
-            {
-                "base": name,
-                "steps": args.steps,
-                "perplexity": report["eval"][0]["perplexity"],
-                "final_loss": report["final_loss"],
-                "wall_time_s": report["wall_time_s"],
-            }
-        )
-        print(f"{name}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
+            jobs.append((name, out, subprocess.Popen(command, cwd=REPO_ROOT)))
+        rows = []
+        for name, out, job in jobs:
+            if job.wait(timeout=3600):
+                raise RuntimeError(f"{name}: the CLI run failed")
+            report = json.loads((out / "prune_report.json").read_text())
+            rows.append(
+                {
+                    "base": name,
+                    "steps": args.steps,
+                    "batch": "4x128",
+                    "eval_windows": args.eval_windows,
+                    "perplexity": report["eval"][0]["perplexity"],
+                    "final_loss": report["final_loss"],
+                }
+            )
+            print(f"{name}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
     return rows
 
 
