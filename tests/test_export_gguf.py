@@ -77,7 +77,7 @@ def tensors_of(reader) -> dict:
 def as_float(tensor) -> np.ndarray:
     """A GGUF tensor's values in numpy (out, in) order, dequantized."""
     data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
+    return np.array(data, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
 
 
 def assert_matches_model(path: Path, model: torch.nn.Module, atol: float = 0.0) -> None:
