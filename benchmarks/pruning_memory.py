@@ -285,6 +285,9 @@ def prepare(model: torch.nn.Module, provider: str) -> tuple[torch.nn.Module, Cal
         return get_peft_model(model, peft_config), lambda: None
     config = LoraPruneConfig(
         ratio=0.5,
+        # Every layer of the few-layer proxy is scored, as 28 of LLaMA-7B's 32 are by default: with the
+        # default skip rule a 2-layer proxy would score layer 0 only and measure mostly frozen weights.
+        layers=tuple(range(model.config.num_hidden_layers)),
         criterion=CRITERIA[provider],
         taylor_impl="materialized" if provider == "taylor-materialized" else "fused",
         lora_r=LORA_R,

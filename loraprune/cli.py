@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, metavar="OUT_DIR", help="where the pruned model is written")
     prune.add_argument(
         "--criterion",
-        default="lora",
+        default="taylor",
         choices=list(CRITERIA),
         help="importance: lora (LoRAPrune estimate), taylor (first-order Taylor of the weights), act "
         "(first-order Taylor of heads/channels from activations), magnitude, random",

@@ -58,7 +58,7 @@ class LoraPruneConfig:
     """
 
     ratio: float = 0.5
-    criterion: str = "lora"
+    criterion: str = "taylor"
     taylor_impl: str = "fused"
     lora_r: int = 8
     lora_alpha: float = 16.0

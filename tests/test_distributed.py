@@ -24,6 +24,9 @@ from loraprune.run import RunConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--ratio", "0.5", "--steps", "6", "--prune-every", "2", "--seq-len", "16", "--batch-size", "4"]
 RUN += ["--lora-dropout", "0", "--save-every", "0", "--warmup", "0", "--cooldown", "0.2"]
+# lora scores the all-reduced LoRA gradients, so two ranks equal one process exactly; fused taylor sums each
+# rank's |dYᵀX ⊙ W'| as it sums micro-batches (README, data parallel), which differs from one process's |Σ|.
+RUN += ["--criterion", "lora"]
 
 
 def tiny_llama(vocab: int = 8192) -> LlamaForCausalLM:
