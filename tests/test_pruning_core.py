@@ -230,7 +230,7 @@ def test_random_criterion_is_seeded():
 
 
 def test_lora_scores_match_module_brute_force():
-    pruner = trained_pruner(tiny_model(), steps=1, layers=(1,), prune_heads=False)
+    pruner = trained_pruner(tiny_model(), steps=1, layers=(1,), prune_heads=False, criterion="lora")
     tokens = random_tokens(seed=9)
     pruner.model(input_ids=tokens, labels=tokens).loss.backward()
     group = pruner.groups[0]
