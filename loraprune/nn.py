@@ -143,7 +143,7 @@ class LoraPruneLinear(nn.Module):
             in_mask,
             dropout_p=self.dropout,
             training=self.training,
-            # The fused kernels compute no weight gradient; the taylor baseline needs one.
+            # The fused kernels compute no weight gradient; materialised taylor needs one.
             backend="torch" if self.weight.requires_grad else None,
             plan=self._kernel_plan(out_mask, in_mask),
         )
@@ -281,9 +281,7 @@ def _active_peft_adapter(model: nn.Module) -> str | None:
         if _is_peft_lora_layer(module) and adapter in module.lora_A:
             base = module.get_base_layer()
             if not isinstance(base, nn.Linear) or type(base).__module__.startswith("bitsandbytes"):
-                raise TypeError(
-                    f"model: PEFT LoRA on a {type(module.get_base_layer()).__name__} is not supported"
-                )
+                raise TypeError(f"model: PEFT LoRA on a {type(base).__name__} is not supported")
             if getattr(module, "use_dora", {}).get(adapter, False):
                 raise ValueError(f"model: PEFT adapter {adapter!r} uses DoRA, which cannot be taken over")
     return adapter
