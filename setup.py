@@ -40,7 +40,7 @@ CUDA_SOURCES = [
     "build_info.cu",
 ]
 HOST_SOURCES = ["bindings.cpp"]
-HEADERS = ["loraprune_C.h", "cuda_utils.cuh", "partial_sums.cuh"]
+HEADERS = ["loraprune_C.h", "cuda_utils.cuh", "partial_sums.cuh", "weight_tiles.cuh"]
 DEFAULT_ARCHS = "80;90"
 
 

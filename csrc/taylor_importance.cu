@@ -12,7 +12,9 @@
 // activations 3xTF32 m16n8k8 (a = a_big + a_small, three products), close to fp32.
 //
 // The epilogue adds s·B·A in fp32 FMAs from rank chunks of the factors staged in shared memory
-// (any rank), loads W (any float dtype, chosen at run time), forms I in registers and reduces it
+// (any rank), loads W (any float dtype, or int8 / packed 4-bit codes as bitsandbytes holds them,
+// dequantized as they are read: dequantized_weight() in weight_tiles.cuh; chosen at run time,
+// uniform across the CTA), forms I in registers and reduces it
 // to the tile's row and column sums: lanes by shuffles, warps through shared memory in a fixed
 // order, then one partial per tile to a workspace that sum_partials_kernel adds in a fixed order.
 // Bitwise reproducible, no atomics, no out×in temporary.
@@ -21,6 +23,7 @@
 
 #include "cuda_utils.cuh"
 #include "partial_sums.cuh"
+#include "weight_tiles.cuh"
 
 namespace loraprune {
 namespace {
@@ -56,9 +59,7 @@ struct TaylorParams {
   const void* grad_y;       // tokens × out, unit column stride
   std::int64_t x_row_stride;
   std::int64_t grad_row_stride;
-  const void* weight;       // out × in, unit column stride
-  DType weight_dtype;
-  std::int64_t weight_row_stride;
+  WeightSource weight;      // out × in, unit column stride
   const float* lora_a;      // rank × in, contiguous (unused when rank == 0)
   const float* lora_b;      // out × rank, contiguous
   int tokens;
@@ -103,17 +104,6 @@ __device__ __forceinline__ void mma_16bit(float (&d)[4], const std::uint32_t (&a
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
-__device__ __forceinline__ float load_weight(const TaylorParams& p, std::int64_t index) {
-  switch (p.weight_dtype) {  // uniform across the CTA
-    case DType::kFloat16:
-      return __half2float(static_cast<const __half*>(p.weight)[index]);
-    case DType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p.weight)[index]);
-    default:
-      return static_cast<const float*>(p.weight)[index];
   }
 }
 
@@ -340,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) taylor_importance_kernel(const Taylo
           const int c = col0 + warp_col0 + ni * 8 + 2 * quad + e;
           float v = 0.f;  // outside W: G is zero there, and W is not read
           if (r < p.out_features && c < p.in_features) {
-            const float w = load_weight(p, static_cast<std::int64_t>(r) * p.weight_row_stride + c);
+            const float w = dequantized_weight(p.weight, r, c);
             v = acc[mi][ni][2 * half + e] * (w + p.scaling * lora[mi][ni][2 * half + e]);
             v = p.squared ? v * v : fabsf(v);
           }
@@ -404,7 +394,7 @@ __global__ void __launch_bounds__(kThreads) taylor_importance_kernel(const Taylo
 
 std::int64_t taylor_importance_workspace_floats(std::int64_t out_features, std::int64_t in_features) {
   require(out_features >= 0 && in_features >= 0, "loraprune._C.taylor_importance_workspace_floats: negative size");
-  return ceil_div(in_features, kTileCols) * out_features + ceil_div(out_features, kTileRows) * in_features;
+  return partial_sums_floats(out_features, in_features, kTileRows, kTileCols);
 }
 
 void taylor_importance(const LaunchContext& ctx, std::uintptr_t x, std::uintptr_t grad_y, DType dtype,
@@ -413,49 +403,31 @@ void taylor_importance(const LaunchContext& ctx, std::uintptr_t x, std::uintptr_
                        DType weight_dtype, std::int64_t weight_row_stride, std::uintptr_t lora_a,
                        std::uintptr_t lora_b, std::int64_t rank, double scaling, bool squared,
                        std::uintptr_t row_sums, std::uintptr_t col_sums, std::uintptr_t workspace,
-                       std::int64_t workspace_floats) {
+                       std::int64_t workspace_floats, const QuantizedWeightArgs& quantized) {
   const std::string where = std::string("loraprune._C.") + kOp + ": ";
-  require(out_features >= 0 && out_features <= kInt32Max && in_features >= 0 && in_features <= kInt32Max,
-          where + "out_features and in_features must lie in [0, 2^31)");
+  check_importance_outputs(where, out_features, in_features, row_sums, col_sums, workspace, workspace_floats,
+                           kTileRows, kTileCols, "taylor_importance_workspace_floats");
   require(tokens >= 0 && tokens <= kInt32Max - kTokens, where + "tokens must lie in [0, 2^31 - 32)");
   require(rank >= 0 && rank <= kInt32Max, where + "rank must be >= 0 (0: no LoRA)");
   require(is_dtype_code(dtype), where + "unknown dtype code " + std::to_string(static_cast<int>(dtype)));
-  require(is_dtype_code(weight_dtype),
-          where + "unknown weight dtype code " + std::to_string(static_cast<int>(weight_dtype)));
-  require(x_row_stride >= 0 && grad_row_stride >= 0 && weight_row_stride >= 0, where + "row strides must be >= 0");
-  require(workspace_floats >= taylor_importance_workspace_floats(out_features, in_features),
-          where + "workspace is smaller than taylor_importance_workspace_floats(out_features, in_features)");
-  require(row_sums != 0 || out_features == 0, where + "row_sums is a null pointer");
-  require(col_sums != 0 || in_features == 0, where + "col_sums is a null pointer");
+  require(x_row_stride >= 0 && grad_row_stride >= 0, where + "row strides must be >= 0");
+  TaylorParams params{};
+  params.weight = weight_source(where, weight, weight_dtype, out_features, in_features, weight_row_stride, quantized);
   const bool empty = out_features == 0 || in_features == 0 || tokens == 0;
-  require(empty || (x != 0 && grad_y != 0 && weight != 0 && workspace != 0 &&
-                    (rank == 0 || (lora_a != 0 && lora_b != 0))),
+  require(empty || (x != 0 && grad_y != 0 && weight != 0 && (rank == 0 || (lora_a != 0 && lora_b != 0))),
           where + "null input pointer");
   const cudaStream_t stream = as_stream(ctx.stream);
   DeviceGuard guard(ctx.device, kOp);
-  if (empty) {  // no tokens: the gradient, hence every sum, is zero
-    if (out_features > 0) {
-      LORAPRUNE_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(row_sums), 0, out_features * sizeof(float), stream),
-                           kOp);
-    }
-    if (in_features > 0) {
-      LORAPRUNE_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(col_sums), 0, in_features * sizeof(float), stream),
-                           kOp);
-    }
+  // No tokens: the gradient, hence every sum, is zero.
+  if (zero_sums_if_empty(empty, out_features, in_features, row_sums, col_sums, stream, kOp)) {
     return;
   }
 
-  const std::int64_t col_tiles = ceil_div(in_features, kTileCols);
-  const std::int64_t row_tiles = ceil_div(out_features, kTileRows);
-  const dim3 grid(grid_x(col_tiles), grid_y(row_tiles, kOp, "out_features"));
-  TaylorParams params{};
+  const PartialSums sums = partial_sums(workspace, out_features, in_features, kTileRows, kTileCols, kOp);
   params.x = reinterpret_cast<const void*>(x);
   params.grad_y = reinterpret_cast<const void*>(grad_y);
   params.x_row_stride = x_row_stride;
   params.grad_row_stride = grad_row_stride;
-  params.weight = reinterpret_cast<const void*>(weight);
-  params.weight_dtype = weight_dtype;
-  params.weight_row_stride = weight_row_stride;
   params.lora_a = reinterpret_cast<const float*>(lora_a);
   params.lora_b = reinterpret_cast<const float*>(lora_b);
   params.tokens = static_cast<int>(tokens);
@@ -464,19 +436,14 @@ void taylor_importance(const LaunchContext& ctx, std::uintptr_t x, std::uintptr_
   params.rank = static_cast<int>(rank);
   params.scaling = static_cast<float>(scaling);
   params.squared = squared;
-  params.row_partials = reinterpret_cast<float*>(workspace);
-  params.col_partials = params.row_partials + col_tiles * out_features;
+  params.row_partials = sums.row_partials;
+  params.col_partials = sums.col_partials;
   dispatch_dtype(dtype, kOp, [&](auto element) {
     using T = decltype(element);
-    taylor_importance_kernel<T><<<grid, kThreads, 0, stream>>>(params);
+    taylor_importance_kernel<T><<<sums.grid, kThreads, 0, stream>>>(params);
     check_launch("taylor_importance_kernel", kOp);
   });
-
-  const std::int64_t total = out_features + in_features;
-  sum_partials_kernel<<<grid_x(ceil_div(total, 256)), 256, 0, stream>>>(
-      params.row_partials, params.out_features, static_cast<int>(col_tiles), reinterpret_cast<float*>(row_sums),
-      params.col_partials, params.in_features, static_cast<int>(row_tiles), reinterpret_cast<float*>(col_sums));
-  check_launch("sum_partials_kernel", kOp);
+  sum_partials(sums, row_sums, col_sums, stream, kOp);
 }
 
 }  // namespace loraprune

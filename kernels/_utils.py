@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from loraprune.ops._dispatch import triton_interpreter
+from loraprune.ops.quantized_weight import INT8_INVERSE_SCALE, QuantizedWeight
 
 
 def tuning_configs(
@@ -61,3 +64,55 @@ def target_major(device: torch.device) -> int:
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# WEIGHT_FORMAT of the importance kernels: how W is stored (see loraprune.ops.quantized_weight).
+DENSE, INT8, FOUR_BIT = 0, 1, 2
+_INT8_INVERSE_SCALE: tl.constexpr = tl.constexpr(INT8_INVERSE_SCALE)
+
+
+class WeightArgs(NamedTuple):
+    """What the importance kernels take for ``W``: its data (the dense tensor, the int8 codes or
+    the packed 4-bit bytes), its row and column strides (unused for 4-bit: row-major packing), the
+    scales and code (``W``'s data stands in where the format has none), the format and blocksize."""
+
+    data: torch.Tensor
+    stride_row: int
+    stride_col: int
+    scales: torch.Tensor
+    code: torch.Tensor
+    format: int
+    blocksize: int
+
+
+def weight_args(weight: torch.Tensor | QuantizedWeight) -> WeightArgs:
+    if not isinstance(weight, QuantizedWeight):
+        return WeightArgs(weight, weight.stride(0), weight.stride(1), weight, weight, DENSE, 1)
+    if weight.kind == "int8":
+        data = weight.data
+        return WeightArgs(data, data.stride(0), data.stride(1), weight.scales, weight.scales, INT8, 1)
+    in_features = weight.shape[1]
+    return WeightArgs(weight.data, in_features, 1, weight.scales, weight.code, FOUR_BIT, weight.blocksize)
+
+
+@triton.jit
+def load_weight_tile(
+    w_ptr, scale_ptr, code_ptr, rows, cols, row_ok, mask, K, stride_wn, stride_wk,
+    WEIGHT_FORMAT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+):  # fmt: skip
+    """The float32 tile ``W[rows][:, cols]`` (``rows`` int64), dequantized as it is loaded; zero
+    outside ``mask`` (``row_ok``: its rows inside W). int8: code · row absmax / 127; 4-bit: the nibble of element ``i·K + j`` (high
+    first), looked up in the 16-entry code, times its block's absmax."""
+    if WEIGHT_FORMAT == 2:
+        elements = rows[:, None] * K + cols[None, :]
+        packed = tl.load(w_ptr + elements // 2, mask=mask, other=0).to(tl.int32)
+        nibbles = tl.where(elements % 2 == 0, packed >> 4, packed & 15)
+        absmax = tl.load(scale_ptr + elements // BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(code_ptr + nibbles) * absmax
+    elif WEIGHT_FORMAT == 1:
+        codes = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0)
+        scales = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+        return codes.to(tl.float32) * scales[:, None] * _INT8_INVERSE_SCALE
+    else:
+        tile = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
+        return tile.to(tl.float32)

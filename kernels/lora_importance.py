@@ -2,6 +2,8 @@
 
 ``G = gB·A + B·gA − gB·gA = gB·(A − gA) + B·gA`` and the merged weight are formed tile by tile in
 registers from the rank-r factors, so ``W`` is read exactly once and no out×in temporary exists.
+A quantized ``W`` (int8 or 4-bit, :class:`~loraprune.ops.QuantizedWeight`) is read packed and
+dequantized as each tile is loaded (``load_weight_tile``).
 
 Reduction scheme: a program owns a block of rows and a contiguous range of column tiles (the
 column range is split only when there are too few row blocks to fill the device). It keeps its
@@ -19,20 +21,24 @@ import triton.language as tl
 from loraprune.kernels._utils import (
     device_guard,
     dot_precision,
+    load_weight_tile,
     num_programs_target,
     padded_rank,
     target_major,
+    weight_args,
 )
 from loraprune.ops.lora_importance import TRITON_MAX_RANK
+from loraprune.ops.quantized_weight import QuantizedWeight
 
 
 @triton.jit
 def _lora_importance_kernel(
-    w_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, row_part_ptr, col_part_ptr,
+    w_ptr, scale_ptr, code_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, row_part_ptr, col_part_ptr,
     N, K, R, scaling, tiles_per_split,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_gar, stride_gak, stride_gbn, stride_gbr,
     SQUARED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, BLOCKSIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -67,12 +73,11 @@ def _lora_importance_kernel(
         grad = tl.dot(gb, a - ga, input_precision=DOT_PRECISION)
         grad = tl.dot(b, ga, grad, input_precision=DOT_PRECISION)
         lora = tl.dot(b, a, input_precision=DOT_PRECISION)
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        element = grad * (w.to(tl.float32) + scaling * lora)
+        w = load_weight_tile(
+            w_ptr, scale_ptr, code_ptr, rows, cols, row_ok, row_ok[:, None] & col_ok[None, :], K,
+            stride_wn, stride_wk, WEIGHT_FORMAT, BLOCKSIZE,
+        )  # fmt: skip
+        element = grad * (w + scaling * lora)
         element = element * element if SQUARED else tl.abs(element)
         row_acc += tl.sum(element, axis=1)
         tl.store(col_part_ptr + pid_n * K + cols, tl.sum(element, axis=0), mask=col_ok)
@@ -102,7 +107,7 @@ def _block_config(block_r: int, arch: int) -> tuple[int, int, int, int]:
 
 
 def lora_importance(
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     grad_a: torch.Tensor,
@@ -115,6 +120,7 @@ def lora_importance(
     Arguments as :func:`loraprune.ops.lora_importance` (validated there); any strides.
     """
     num_rows, num_cols = weight.shape
+    w = weight_args(weight)
     rank = lora_a.shape[0]
     block_r = padded_rank(rank)
     block_n, block_k, num_warps, num_stages = _block_config(block_r, target_major(weight.device))
@@ -126,12 +132,13 @@ def lora_importance(
     col_part = torch.empty((row_blocks, num_cols), device=weight.device, dtype=torch.float32)
     with device_guard(weight.device):
         _lora_importance_kernel[(row_blocks, splits)](
-            weight, lora_a, lora_b, grad_a, grad_b, row_part, col_part,
+            w.data, w.scales, w.code, lora_a, lora_b, grad_a, grad_b, row_part, col_part,
             num_rows, num_cols, rank, scaling, tiles_per_split,
-            weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+            w.stride_row, w.stride_col, lora_a.stride(0), lora_a.stride(1),
             lora_b.stride(0), lora_b.stride(1), grad_a.stride(0), grad_a.stride(1),
             grad_b.stride(0), grad_b.stride(1),
             SQUARED=squared, DOT_PRECISION=dot_precision(torch.float32),
+            WEIGHT_FORMAT=w.format, BLOCKSIZE=w.blocksize,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return row_part.sum(dim=0), col_part.sum(dim=0)

@@ -5,8 +5,9 @@ tile of the out×in gradient ``dYᵀX``, accumulates it in fp32 with ``tl.dot`` 
 (K of the GEMM is M), then loads the same tile of ``W``, adds ``s·B·A`` from the rank-r factors as r rank-1 updates
 in fp32 (any rank; exact like the reference, and light on registers: ``tl.dot`` there needed a
 second MMA accumulator and took ptxas from 186 to 245 registers on sm_90), multiplies, takes
-``|·|`` or the square and reduces the tile to its row and column sums. No out×in temporary
-exists; ``dYᵀX`` cannot be split over tokens because ``|·|`` does not distribute over the sum.
+``|·|`` or the square and reduces the tile to its row and column sums. A quantized ``W`` (int8 or
+4-bit, :class:`~loraprune.ops.QuantizedWeight`) is read packed and dequantized as its tile is
+loaded (``load_weight_tile``). No out×in temporary exists; ``dYᵀX`` cannot be split over tokens because ``|·|`` does not distribute over the sum.
 
 Reduction scheme (deterministic, no atomics): per-tile partials with plain stores, summed by two
 small ``torch.sum`` calls. The partial buffers must not depend on the tile size the autotuner
@@ -25,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from loraprune.kernels._utils import device_guard, dot_precision, m_bucket, tuning_configs
+from loraprune.kernels._utils import (
+    device_guard,
+    dot_precision,
+    load_weight_tile,
+    m_bucket,
+    tuning_configs,
+    weight_args,
+)
+from loraprune.ops.quantized_weight import QuantizedWeight
 
 # Granularity of the partial sums; every tile size below is a multiple of it.
 PARTIAL_BLOCK = 64
@@ -51,10 +60,14 @@ def _pipeline_bytes(config: triton.Config, itemsize: int) -> int:
     return config.num_stages * meta["BLOCK_M"] * (meta["BLOCK_N"] + meta["BLOCK_K"]) * itemsize
 
 
-def _rows_aligned(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor) -> bool:
+def _rows_aligned(
+    x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, weight_row_stride: int | None = None
+) -> bool:
     """Whether Triton sees every row of X, dY and W start 16-element aligned (it specialises
-    integers and pointers on divisibility by 16), which vectorised loads need."""
-    sizes = (*weight.shape, x.stride(0), grad_y.stride(0), weight.stride(0))
+    integers and pointers on divisibility by 16), which vectorised loads need. ``weight``: the dense
+    W, or its int8 codes or packed 4-bit bytes with the row stride in elements of the matrix."""
+    row_stride = weight.stride(0) if weight_row_stride is None else weight_row_stride
+    sizes = (x.shape[1], grad_y.shape[1], x.stride(0), grad_y.stride(0), row_stride)
     return all(t.data_ptr() % 16 == 0 for t in (x, grad_y, weight)) and all(v % 16 == 0 for v in sizes)
 
 
@@ -86,12 +99,12 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 )
 @triton.jit
 def _taylor_importance_kernel(
-    x_ptr, dy_ptr, w_ptr, a_ptr, b_ptr, row_part_ptr, col_part_ptr,
+    x_ptr, dy_ptr, w_ptr, scale_ptr, code_ptr, a_ptr, b_ptr, row_part_ptr, col_part_ptr,
     M, N, K, R, m_bucket, rows_aligned, scaling,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_wn, stride_wk,
     stride_ar, stride_ak, stride_bn, stride_br,
     HAS_LORA: tl.constexpr, SQUARED: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, BLOCKSIZE: tl.constexpr,
     PARTIAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
 ):  # fmt: skip
@@ -130,11 +143,10 @@ def _taylor_importance_kernel(
 
     # W' = W + s·B·A, the LoRA product accumulated onto the W tile a rank chunk at a time.
     rows = offs_n.to(tl.int64)
-    merged = tl.load(
-        w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-        mask=n_ok[:, None] & k_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    merged = load_weight_tile(
+        w_ptr, scale_ptr, code_ptr, rows, offs_k, n_ok, n_ok[:, None] & k_ok[None, :], K,
+        stride_wn, stride_wk, WEIGHT_FORMAT, BLOCKSIZE,
+    )  # fmt: skip
     if HAS_LORA:
         # Rank-1 updates in fp32 FMAs (see the module docstring for why not tl.dot).
         b_ptrs = b_ptr + rows * stride_bn
@@ -173,7 +185,7 @@ def _taylor_importance_kernel(
 def taylor_importance(
     x: torch.Tensor,
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
@@ -202,22 +214,24 @@ def taylor_importance(
     col_part = torch.empty(
         (triton.cdiv(out_features, PARTIAL_BLOCK), in_features), device=device, dtype=torch.float32
     )
-    # Without LoRA the factor pointers are never read: W stands in for them.
-    a, b = (lora_a, lora_b) if has_lora else (weight, weight.t())
+    w = weight_args(weight)
+    # Without LoRA the factor pointers are never read: x stands in for them.
+    a, b = (lora_a, lora_b) if has_lora else (x, x.t())
 
-    aligned = int(_rows_aligned(x, grad_y, weight))  # an autotuning key: see _prune_configs
+    aligned = int(_rows_aligned(x, grad_y, w.data, w.stride_row))  # an autotuning key: see _prune_configs
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(out_features, meta["BLOCK_N"]) * triton.cdiv(in_features, meta["BLOCK_K"]),)
 
     with device_guard(device):
         _taylor_importance_kernel[grid](
-            x, grad_y, weight, a, b, row_part, col_part,
+            x, grad_y, w.data, w.scales, w.code, a, b, row_part, col_part,
             tokens, out_features, in_features, rank, m_bucket(tokens), aligned, scaling,
-            x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), w.stride_row, w.stride_col,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_LORA=has_lora, SQUARED=squared, UPCAST=upcast,
             DOT_PRECISION=dot_precision(compute_dtype),
+            WEIGHT_FORMAT=w.format, BLOCKSIZE=w.blocksize,
             PARTIAL=PARTIAL_BLOCK,
         )  # fmt: skip
     return row_part.sum(dim=0), col_part.sum(dim=0)

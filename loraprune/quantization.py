@@ -3,9 +3,11 @@
 The frozen projections are ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8(): int8 with a scale per
 row) or ``bitsandbytes.nn.Linear4bit`` (NF4: 4-bit codes with a scale per block of 64 elements);
 the LoRA factors stay fp32 and the masks apply as in :class:`~loraprune.nn.LoraPruneLinear`.
-Wherever ``W' = W + s·B·A`` is needed (the ``lora`` and ``magnitude`` criteria, the fused
-Taylor op, compaction), ``W`` is dequantized a block of rows at a time (never the whole matrix),
-and compaction dequantizes the kept rows only, merges in fp32 and writes the dense dtype.
+The ``lora`` and fused ``taylor`` criteria hand the packed weight to their ops
+(:class:`~loraprune.ops.QuantizedWeight`), whose kernels dequantize each tile as they load it
+(the PyTorch references a block of rows at a time); the ``magnitude`` criterion dequantizes a
+block of rows at a time (never the whole matrix), and compaction dequantizes the kept rows only,
+merges in fp32 and writes the dense dtype.
 
 Two ways in, the same modules out:
 
@@ -220,44 +222,13 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
         for start in range(0, self.out_features, step):
             yield slice(start, min(start + step, self.out_features))
 
+    def packed_weight(self) -> ops.QuantizedWeight:
+        """``W`` as the importance ops read it: bitsandbytes' codes and scales, in place."""
+        return ops.QuantizedWeight.from_bitsandbytes(self.base)
+
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Rows of ``W`` (a slice, or int64 indices) in fp32, dequantized by bitsandbytes."""
-        import bitsandbytes.functional as bnb_functional
-
-        weight = self.base.weight
-        if self.quant_type == "int8":
-            # The row scales move from the parameter to the layer's state at its first forward.
-            scales = weight.SCB if weight.SCB is not None else self.base.state.SCB
-            return bnb_functional.int8_vectorwise_dequant(weight.data[rows], scales[rows]).float()
-        if isinstance(rows, torch.Tensor):  # indices: one contiguous span of blocks at a time
-            return torch.cat([self._dequantize_4bit_span(span) for span in _spans(rows)])[
-                _positions_in_spans(rows)
-            ]
-        return self._dequantize_4bit_span(rows)
-
-    def _dequantize_4bit_span(self, rows: slice) -> torch.Tensor:
-        import bitsandbytes.functional as bnb_functional
-
-        weight, state = self.base.weight, self.base.weight.quant_state
-        absmax = state.absmax
-        if state.nested:  # double quantization: the block scales are themselves 8-bit
-            absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        size, blocksize = self.in_features, state.blocksize
-        first, last = rows.start * size, rows.stop * size  # element range, row-major
-        block_first, block_last = first // blocksize, -(-last // blocksize)
-        start = block_first * blocksize
-        count = min(block_last * blocksize, self.out_features * size) - start
-        packed = weight.data.view(-1)[start // 2 : (start + count + 1) // 2].view(-1, 1)
-        block_state = bnb_functional.QuantState(
-            absmax=absmax[block_first:block_last].float(),
-            shape=torch.Size([count + (count % 2)]),
-            code=state.code,
-            blocksize=blocksize,
-            quant_type=state.quant_type,
-            dtype=torch.float32,
-        )
-        values = bnb_functional.dequantize_4bit(packed, block_state).view(-1)
-        return values[first - start : last - start].view(rows.stop - rows.start, size)
+        """Rows of ``W`` (a slice, or int64 indices) in fp32; only those rows are read."""
+        return self.packed_weight().dequantize_rows(rows)
 
     # -- what the criteria and compaction need ---------------------------------------------------
     def merged_rows(self, rows: slice | torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,43 +242,24 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
         return weight
 
     def lora_importance(self, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`loraprune.ops.lora_importance` over row blocks: rows (out,), columns (in,), fp32."""
-        grad_a, grad_b = self.lora_A.grad, self.lora_B.grad
-        rows = torch.empty(self.out_features, dtype=torch.float32, device=self.lora_A.device)
-        cols = torch.zeros(self.in_features, dtype=torch.float32, device=self.lora_A.device)
-        for block in self.row_blocks():
-            block_rows, block_cols = ops.lora_importance(
-                self.dequantize_rows(block),
-                self.lora_A,
-                self.lora_B[block],
-                grad_a,
-                grad_b[block],
-                self.scaling,
-                squared=squared,
-            )
-            rows[block] = block_rows
-            cols += block_cols
-        return rows, cols
+        """:func:`loraprune.ops.lora_importance` on the packed ``W``: rows (out,), columns (in,), fp32."""
+        return ops.lora_importance(
+            self.packed_weight(),
+            self.lora_A,
+            self.lora_B,
+            self.lora_A.grad,
+            self.lora_B.grad,
+            self.scaling,
+            squared=squared,
+        )
 
     def taylor_importance(
         self, x: torch.Tensor, grad_y: torch.Tensor, squared: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`loraprune.ops.taylor_importance` over row blocks (``x``: M×in, ``grad_y``: M×out)."""
-        rows = torch.empty(self.out_features, dtype=torch.float32, device=x.device)
-        cols = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
-        for block in self.row_blocks():
-            block_rows, block_cols = ops.taylor_importance(
-                x,
-                grad_y[:, block],
-                self.dequantize_rows(block),
-                self.lora_A,
-                None if self.lora_B is None else self.lora_B[block],
-                self.scaling,
-                squared=squared,
-            )
-            rows[block] = block_rows
-            cols += block_cols
-        return rows, cols
+        """:func:`loraprune.ops.taylor_importance` on the packed ``W`` (``x``: M×in, ``grad_y``: M×out)."""
+        return ops.taylor_importance(
+            x, grad_y, self.packed_weight(), self.lora_A, self.lora_B, self.scaling, squared=squared
+        )
 
     def magnitude_importance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column sums of ``(W + s·B·A)²``, fp32."""
@@ -365,22 +317,6 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}"
-
-
-def _spans(rows: torch.Tensor) -> list[slice]:
-    """Contiguous row slices covering the sorted unique ``rows``, at most one block of elements each."""
-    unique = torch.unique(rows).tolist()
-    spans, start = [], unique[0]
-    for previous, current in zip(unique, [*unique[1:], None], strict=True):
-        if current != previous + 1:
-            spans.append(slice(start, previous + 1))
-            start = current
-    return spans
-
-
-def _positions_in_spans(rows: torch.Tensor) -> torch.Tensor:
-    """Where each of ``rows`` lands in the concatenation of its spans (sorted unique rows)."""
-    return torch.searchsorted(torch.unique(rows), rows)
 
 
 __all__ = [

@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 from conftest import requires_cuda
+from quantized_weights import QUANTIZED_KINDS, bitsandbytes_weight
 
 from loraprune import ops
 from loraprune.ops import BackendUnavailableError
@@ -56,6 +57,8 @@ def test_extension_imports_when_expected():
         assert callable(getattr(ext, name))
     codes = [ext.DTYPE_FLOAT32, ext.DTYPE_FLOAT16, ext.DTYPE_BFLOAT16]
     assert [cuda_ops.DTYPE_CODES[d] for d in DTYPES] == codes
+    formats = [ext.WEIGHT_DENSE, ext.WEIGHT_INT8, ext.WEIGHT_FOUR_BIT]
+    assert formats == [cuda_ops.WEIGHT_DENSE, cuda_ops.WEIGHT_INT8, cuda_ops.WEIGHT_FOUR_BIT]
 
 
 def test_binding_rejects_bad_arguments_before_touching_the_device():
@@ -107,6 +110,46 @@ def test_binding_rejects_bad_arguments_before_touching_the_device():
             num_updates=256,
             num_skipped=256,
         )
+
+
+def test_binding_rejects_bad_quantized_weights_before_touching_the_device():
+    ext = _extension_or_skip()
+    common = dict(
+        device=0, stream=0, weight=256, dtype=0, out_features=4, in_features=64, weight_row_stride=64,
+        lora_a=256, lora_b=256, grad_a=256, grad_b=256, rank=2, scaling=1.0, squared=False, row_sums=256,
+        col_sums=256, workspace=256, workspace_floats=1 << 20,
+    )  # fmt: skip
+    taylor_common = dict(
+        device=0, stream=0, x=256, grad_y=256, dtype=0, tokens=8, out_features=4, in_features=64,
+        x_row_stride=64, grad_row_stride=4, weight=256, weight_dtype=0, weight_row_stride=64, lora_a=256,
+        lora_b=256, rank=2, scaling=1.0, squared=False, row_sums=256, col_sums=256, workspace=256,
+        workspace_floats=1 << 20,
+    )  # fmt: skip
+    for launch, args in ((ext.lora_importance, common), (ext.taylor_importance, taylor_common)):
+        with pytest.raises(ValueError, match="weight format"):
+            launch(**args, weight_format=7)
+        with pytest.raises(ValueError, match="row scales"):
+            launch(**args, weight_format=cuda_ops.WEIGHT_INT8)
+        with pytest.raises(ValueError, match="blocksize"):
+            launch(
+                **args,
+                weight_format=cuda_ops.WEIGHT_FOUR_BIT,
+                weight_scales=256,
+                weight_code=256,
+                weight_blocksize=48,
+            )
+        with pytest.raises(ValueError, match="scales or code"):
+            launch(**args, weight_format=cuda_ops.WEIGHT_FOUR_BIT, weight_scales=256, weight_blocksize=64)
+
+
+def test_factor_staging_is_chosen_by_its_variable(monkeypatch):
+    monkeypatch.delenv(cuda_ops.FACTOR_STAGING_ENV, raising=False)
+    assert cuda_ops.factor_staging() == "double"
+    monkeypatch.setenv(cuda_ops.FACTOR_STAGING_ENV, "single")
+    assert cuda_ops.factor_staging() == "single"
+    monkeypatch.setenv(cuda_ops.FACTOR_STAGING_ENV, "triple")
+    with pytest.raises(ValueError, match=cuda_ops.FACTOR_STAGING_ENV):
+        cuda_ops.factor_staging()
 
 
 def test_importing_the_wrappers_needs_no_extension(monkeypatch):
@@ -366,6 +409,67 @@ def test_lora_importance_beyond_int32_elements(monkeypatch):
     bound_rows, bound_cols = _importance_error_bound(w, a, b, ga, gb, 2.0, False)
     _assert_within(rows, torch.cat(expected_rows), bound_rows, "large row sums", relative_slack=1e-3)
     _assert_within(cols, expected_cols, bound_cols, "large column sums", relative_slack=1e-3)
+
+
+STAGING_SHAPES = [
+    *IMPORTANCE_SHAPES,
+    (100, 130, 6),  # rank and in_features not multiples of 4: the 4-byte factor copies
+    (129, 260, 33),  # three rank chunks, the last one partial
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", STAGING_SHAPES, ids=str)
+def test_lora_importance_factor_stagings_agree_with_reference_and_each_other(dtype, shape):
+    """Double buffering changes when the factors arrive, not the arithmetic: the same TF32 values
+    meet in the same MMA order, so both stagings give bit-identical sums."""
+    out_features, in_features, rank = shape
+    w, a, b, ga, gb = _importance_inputs(
+        out_features, in_features, rank, dtype, torch.float32, "cuda", seed=rank
+    )
+    cpu = [t.cpu() for t in (w, a, b, ga, gb)]
+    for squared in (False, True):
+        expected = lora_importance_reference(*cpu, 2.0, squared)
+        bounds = _importance_error_bound(*cpu, 2.0, squared)
+        results = {}
+        for staging in cuda_ops.FACTOR_STAGINGS:
+            results[staging] = cuda_ops.lora_importance(w, a, b, ga, gb, 2.0, squared, staging=staging)
+            for got, want, bound, name in zip(
+                results[staging], expected, bounds, ("row", "column"), strict=True
+            ):
+                _assert_within(got, want, bound, f"{dtype} {shape} {staging} {name} sums")
+        for single, double in zip(results["single"], results["double"], strict=True):
+            assert torch.equal(single, double)
+
+
+QUANTIZED_CUDA_SHAPES = [  # (out, in, rank)
+    (300, 1024, 8),  # 16-byte copies of the codes (int8 and 4-bit)
+    (257, 1040, 16),  # int8 16-byte copies; 4-bit rows not 16-byte aligned: scalar copies
+    (70, 1001, 5),  # odd width: 4-bit rows start mid-byte, blocks straddle rows; scalar copies
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("staging", ["double", "single"])
+@pytest.mark.parametrize("shape", QUANTIZED_CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_lora_importance_of_a_quantized_weight(kind, shape, staging):
+    out_features, in_features, rank = shape
+    weight, dequantized = bitsandbytes_weight(kind, out_features, in_features, seed=rank, device="cuda")
+    _, a, b, ga, gb = _importance_inputs(
+        out_features, in_features, rank, torch.float32, torch.float32, "cuda"
+    )
+    cpu = [t.cpu() for t in (dequantized, a, b, ga, gb)]
+    for squared in (False, True):
+        rows, cols = cuda_ops.lora_importance(weight, a, b, ga, gb, 2.0, squared, staging=staging)
+        through_ops = ops.lora_importance(weight, a, b, ga, gb, 2.0, squared=squared, backend="cuda")
+        expected = lora_importance_reference(*cpu, 2.0, squared)
+        bounds = _importance_error_bound(*cpu, 2.0, squared)
+        for got, want, bound, name in zip((rows, cols), expected, bounds, ("row", "column"), strict=True):
+            _assert_within(got, want, bound, f"{kind} {shape} {staging} {name} sums")
+        if staging == cuda_ops.factor_staging():
+            assert all(torch.equal(x, y) for x, y in zip((rows, cols), through_ops, strict=True))
 
 
 # --- taylor_importance ----------------------------------------------------------------------------
@@ -697,3 +801,19 @@ def test_compact_linear_beyond_int32_elements(monkeypatch):
     check = torch.tensor([0, 1, 4095, 32768, 65519, 65535], device="cuda")  # rows past 2^31 / 32780 too
     expected = (w[check].float() + 2.0 * (b[check] @ a))[:, cols].half()
     torch.testing.assert_close(got[check], expected, **TOLERANCES[torch.float16])
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(40, 300, 1024, 8), (33, 257, 1001, 0)], ids=str)
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_taylor_importance_of_a_quantized_weight(dtype, kind, shape):
+    tokens, out_features, in_features, rank = shape
+    x, grad_y, _, *factors = _taylor_inputs(tokens, out_features, in_features, rank, dtype, "cuda", seed=rank)
+    weight, dequantized = bitsandbytes_weight(kind, out_features, in_features, seed=rank, device="cuda")
+    for squared in (False, True):
+        rows, cols = _check_taylor([x, grad_y, weight, *factors], 1.5, squared, f"{dtype} {kind} {shape}")
+        cpu = [None if t is None else t.cpu() for t in (x, grad_y, dequantized, *factors)]
+        for got, want in zip((rows, cols), taylor_importance_reference(*cpu, 1.5, squared), strict=True):
+            floor = torch.full_like(want, 1e-6 * want.abs().max().item(), dtype=torch.float64)
+            _assert_within(got, want, floor, f"{dtype} {kind} {shape} against bitsandbytes", 1e-4)

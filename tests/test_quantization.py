@@ -8,6 +8,7 @@ must write what compacting them writes.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import shutil
 import sys
@@ -23,8 +24,10 @@ from loraprune.nn import lora_modules
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
+from quantized_weights import bitsandbytes_weight  # noqa: E402
 
 from loraprune import quantization  # noqa: E402
+from loraprune.ops import QuantizedWeight  # noqa: E402
 from loraprune.quantization import QuantizedLoraPruneLinear  # noqa: E402
 
 KINDS = ("int8", "nf4")
@@ -162,6 +165,100 @@ def test_criteria_score_what_they_score_on_the_dequantized_weights(kind, monkeyp
     torch.testing.assert_close(
         module.magnitude_importance(), (merged.square().sum(1), merged.square().sum(0))
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "nested"), [("int8", False), ("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
+)
+def test_packed_weight_dequantizes_what_bitsandbytes_dequantizes(kind, nested):
+    """Odd widths: 4-bit rows start mid-byte and blocks run across rows; nested: double-quantized scales."""
+    weight, reference = bitsandbytes_weight(kind, 37, 100, seed=2, nested=nested)
+    assert weight.kind == kind
+    torch.testing.assert_close(weight.dequantize_rows(slice(0, 37)), reference, rtol=0, atol=0)
+    rows = torch.tensor([36, 0, 5, 5, 18])
+    torch.testing.assert_close(weight.dequantize_rows(rows), reference[rows], rtol=0, atol=0)
+    torch.testing.assert_close(weight.dequantize_rows(slice(3, 9)), reference[3:9], rtol=0, atol=0)
+
+
+def test_quantized_reference_dequantizes_a_row_block_at_a_time(monkeypatch):
+    weight, dense = bitsandbytes_weight("nf4", 37, 128, seed=4)
+    generator = torch.Generator().manual_seed(7)
+    a, ga = torch.randn(2, 6, 128, generator=generator)
+    b, gb = torch.randn(2, 37, 6, generator=generator)
+    x, grad_y = torch.randn(5, 128, generator=generator), torch.randn(5, 37, generator=generator)
+    # The ops' modules (``loraprune.ops.lora_importance`` the attribute is the function).
+    lora_module = importlib.import_module("loraprune.ops.lora_importance")
+    taylor_module = importlib.import_module("loraprune.ops.taylor_importance")
+    monkeypatch.setattr(lora_module, "REFERENCE_BLOCK_ELEMENTS", 5 * 128)
+    monkeypatch.setattr(taylor_module, "REFERENCE_ROW_BLOCK", 4)
+    requested = []
+    original = QuantizedWeight.dequantize_rows
+
+    def recording(self, rows):
+        requested.append(rows.stop - rows.start)
+        return original(self, rows)
+
+    monkeypatch.setattr(QuantizedWeight, "dequantize_rows", recording)
+    for squared in (False, True):
+        requested.clear()
+        got = ops.lora_importance(weight, a, b, ga, gb, 0.5, squared=squared, backend="torch")
+        assert max(requested) == 5 and sum(requested) == 37
+        torch.testing.assert_close(got, ops.lora_importance(dense, a, b, ga, gb, 0.5, squared=squared))
+        requested.clear()
+        got = ops.taylor_importance(x, grad_y, weight, a, b, 0.5, squared=squared, backend="torch")
+        assert max(requested) == 4 and sum(requested) == 37
+        torch.testing.assert_close(got, ops.taylor_importance(x, grad_y, dense, a, b, 0.5, squared=squared))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_criteria_go_through_the_packed_weight_op(kind, monkeypatch):
+    """The criteria hand the ops bitsandbytes' codes in place (no dense copy of W, no row blocks)."""
+    module, _ = quantized_linear(kind)
+    generator = torch.Generator().manual_seed(8)
+    module.lora_A.grad = torch.randn(module.lora_A.shape, generator=generator)
+    module.lora_B.grad = torch.randn(module.lora_B.shape, generator=generator)
+    x, grad_y = torch.randn(6, 128, generator=generator), torch.randn(6, 96, generator=generator)
+    calls = []
+    for name in ("lora_importance", "taylor_importance"):
+        original = getattr(ops, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, next(a for a in args if isinstance(a, QuantizedWeight))))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, recording)
+    lora_scores = module.lora_importance()
+    taylor_scores = module.taylor_importance(x, grad_y)
+    assert [name for name, _ in calls] == ["lora_importance", "taylor_importance"]
+    for _, weight in calls:
+        assert weight.kind == kind and weight.shape == (96, 128)
+        assert weight.data.data_ptr() == module.base.weight.data_ptr()
+    monkeypatch.undo()
+    dense = bitsandbytes_dequantized(module)
+    lora_args = (module.lora_A, module.lora_B, module.lora_A.grad, module.lora_B.grad, module.scaling)
+    torch.testing.assert_close(lora_scores, ops.lora_importance(dense, *lora_args, backend="torch"))
+    torch.testing.assert_close(
+        taylor_scores, ops.taylor_importance(x, grad_y, dense, module.lora_A, module.lora_B, module.scaling)
+    )
+
+
+def test_quantized_weight_errors_name_the_field():
+    weight, _ = bitsandbytes_weight("nf4", 8, 64, seed=0)
+    fields = dict(
+        kind="nf4", data=weight.data, scales=weight.scales, shape=(8, 64), code=weight.code, blocksize=64
+    )
+    for change, match in (
+        ({"kind": "int4"}, "weight.kind"),
+        ({"scales": weight.scales[:3]}, "weight.scales"),
+        ({"blocksize": 48}, "weight.blocksize"),
+        ({"code": weight.code[:8]}, "weight.code"),
+        ({"shape": (9, 64)}, "weight.data"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            QuantizedWeight(**{**fields, **change})
+    a = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="lora_b"):
+        ops.lora_importance(weight, a, torch.randn(7, 2), a, torch.randn(8, 2), 1.0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TRITON_SKIP_REASON, requires_cuda
+from quantized_weights import QUANTIZED_KINDS, bitsandbytes_weight
 
 from loraprune import ops
 from loraprune.ops.lora_importance import lora_importance_reference
@@ -125,6 +126,30 @@ def test_importance_llama_shapes_half_precision(dtype, factor_dtype, in_out, ran
         expected = lora_importance_reference(*factors, 0.5, squared)
         for got, want in zip(actual, expected, strict=True):
             assert_close(got, want, TOLERANCE[dtype])
+
+
+# --- importance of a quantized W (dequantized as the kernel loads its tiles) ---------------------
+
+QUANTIZED_SHAPES = {  # (out, in, rank): odd widths put 4-bit rows mid-byte and blocks across rows
+    "odd": (37, 100, 5),
+    "aligned": (64, 128, 16),
+}
+
+
+@pytest.mark.parametrize("squared", [False, True], ids=["abs", "squared"])
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("shape", QUANTIZED_SHAPES.values(), ids=QUANTIZED_SHAPES.keys())
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_importance_of_a_quantized_weight(kind, shape, factor_dtype, squared):
+    """Against the reference on the packed weight and on bitsandbytes' own dequantization of it."""
+    out_features, in_features, rank = shape
+    weight, dequantized = bitsandbytes_weight(kind, out_features, in_features, seed=rank, device=DEVICE)
+    _, *factors = make_factors(out_features, in_features, rank, factor_dtype=factor_dtype, seed=rank)
+    actual = ops.lora_importance(weight, *factors, 0.8, squared=squared, backend="triton")
+    for reference_weight in (weight, dequantized):
+        expected = lora_importance_reference(reference_weight, *factors, 0.8, squared)
+        for got, want in zip(actual, expected, strict=True):
+            assert_close(got, want, TOLERANCE[torch.float32])
 
 
 # --- score update ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 import triton
 from conftest import TRITON_SKIP_REASON, requires_cuda
+from quantized_weights import QUANTIZED_KINDS, bitsandbytes_weight
 
 from loraprune import ops
 from loraprune.ops.taylor_importance import taylor_importance_reference
@@ -224,3 +225,22 @@ def test_agrees_with_the_cuda_kernel():
         cuda_sums = ops.taylor_importance(*inputs, 2.0, squared=squared, backend="cuda")
         for got, want in zip(cuda_sums, triton_sums, strict=True):
             assert_close(got, want, 1e-4)
+
+
+# --- a quantized W (dequantized as the kernel loads its tile) ---------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((37, 100), 5), ((64, 128), 0)], ids=["odd", "aligned_no_lora"])
+@pytest.mark.parametrize("squared", [False, True], ids=["abs", "squared"])
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_taylor_importance_of_a_quantized_weight(kind, squared, shape, rank):
+    """Against the reference on the packed weight and on bitsandbytes' own dequantization of it;
+    odd widths put 4-bit rows mid-byte and blocks across rows."""
+    out_features, in_features = shape
+    x, grad_y, _, a, b = make_inputs(9, out_features, in_features, rank, seed=rank + 1)
+    weight, dequantized = bitsandbytes_weight(kind, out_features, in_features, seed=rank, device=DEVICE)
+    actual = ops.taylor_importance(x, grad_y, weight, a, b, 1.5, squared=squared, backend="triton")
+    for reference_weight in (weight, dequantized):
+        expected = taylor_importance_reference(x, grad_y, reference_weight, a, b, 1.5, squared)
+        for got, want in zip(actual, expected, strict=True):
+            assert_close(got, want, TOLERANCE[torch.float32])

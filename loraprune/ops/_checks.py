@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from loraprune.ops.quantized_weight import QuantizedWeight
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -61,3 +63,10 @@ def check_scalar(
         bound = "<=" if high_inclusive else "<"
         raise ValueError(f"{name} must be {bound} {high}, got {value}")
     return value
+
+
+def check_weight(name: str, weight: object) -> tuple[int, int, torch.device]:
+    """(out, in, device) of a dense float ``weight`` (out×in) or a :class:`QuantizedWeight`."""
+    if not isinstance(weight, QuantizedWeight):
+        check_tensor(name, weight, ndim=2, dtypes=FLOAT_DTYPES)
+    return weight.shape[0], weight.shape[1], weight.device

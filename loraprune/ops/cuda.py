@@ -11,15 +11,24 @@ raises :class:`~loraprune.ops.BackendUnavailableError` saying how to build it.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
 from loraprune.ops._dispatch import CUDA_BUILD_HINT, BackendUnavailableError
+from loraprune.ops.quantized_weight import QuantizedWeight
 
-# Element type codes of csrc/loraprune_C.h.
+# Element type codes and weight formats of csrc/loraprune_C.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+WEIGHT_DENSE, WEIGHT_INT8, WEIGHT_FOUR_BIT = 0, 1, 2
+
+# lora_importance's factor staging, selectable until a GPU run compares them (README, csrc/README.md):
+# "double" (cp.async into two alternating buffers, the default) or "single" (the first kernel's).
+FACTOR_STAGING_ENV = "LORAPRUNE_CUDA_FACTOR_STAGING"
+FACTOR_STAGINGS = ("double", "single")
 
 INT32_MAX = 2**31 - 1
 
@@ -82,23 +91,82 @@ def _float32_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
+class _WeightArgs(NamedTuple):
+    """The binding's weight arguments; ``tensors`` keeps what the pointers point into alive."""
+
+    tensors: tuple[torch.Tensor, ...]
+    pointer: int
+    dtype: int
+    row_stride: int
+    format: int
+    scales: int
+    code: int
+    blocksize: int
+
+
+def _weight_args(weight: torch.Tensor | QuantizedWeight) -> _WeightArgs:
+    """A dense ``W`` with unit column stride, or a quantized one as the kernels read it packed."""
+    if not isinstance(weight, QuantizedWeight):
+        weight, row_stride = _unit_column_stride(weight)
+        return _WeightArgs(
+            (weight,), weight.data_ptr(), DTYPE_CODES[weight.dtype], row_stride, WEIGHT_DENSE, 0, 0, 0
+        )
+    if weight.kind == "int8":
+        data = weight.data  # unit column stride (QuantizedWeight checks it)
+        row_stride = data.stride(0) if weight.shape[0] > 1 else weight.shape[1]
+        return _WeightArgs(
+            (data, weight.scales), data.data_ptr(), 0, row_stride, WEIGHT_INT8, weight.scales.data_ptr(), 0, 0
+        )
+    tensors = (weight.data, weight.scales, weight.code)
+    pointers = (weight.data.data_ptr(), weight.scales.data_ptr(), weight.code.data_ptr())
+    return _WeightArgs(
+        tensors, pointers[0], 0, weight.shape[1], WEIGHT_FOUR_BIT, *pointers[1:], weight.blocksize
+    )
+
+
+def factor_staging() -> str:
+    """The factor staging ``LORAPRUNE_CUDA_FACTOR_STAGING`` selects (default ``double``)."""
+    value = os.environ.get(FACTOR_STAGING_ENV, "double").strip() or "double"
+    if value not in FACTOR_STAGINGS:
+        raise ValueError(f"{FACTOR_STAGING_ENV} must be one of {FACTOR_STAGINGS}, got {value!r}")
+    return value
+
+
+def _weight_tensor(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    return weight.data if isinstance(weight, QuantizedWeight) else weight
+
+
 def lora_importance(
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     grad_a: torch.Tensor,
     grad_b: torch.Tensor,
     scaling: float,
     squared: bool = False,
+    *,
+    staging: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row sums (out,) and column sums (in,) of ``|G ⊙ (W + s·B·A)|`` in float32, one fused pass over ``W``.
 
-    The rank products run on TF32 tensor cores with fp32 accumulation (see csrc/lora_importance.cu).
+    The rank products run on TF32 tensor cores with fp32 accumulation (see csrc/lora_importance.cu);
+    a quantized ``W`` is read packed and dequantized in the kernel. ``staging``: the factor
+    staging, ``"double"`` or ``"single"`` (default: :func:`factor_staging`).
     """
     op = "lora_importance"
     ext = extension()
+    staging = factor_staging() if staging is None else staging
+    if staging not in FACTOR_STAGINGS:
+        raise ValueError(f"staging must be one of {FACTOR_STAGINGS}, got {staging!r}")
     device = _common_cuda_device(
-        op, {"weight": weight, "lora_a": lora_a, "lora_b": lora_b, "grad_a": grad_a, "grad_b": grad_b}
+        op,
+        {
+            "weight": _weight_tensor(weight),
+            "lora_a": lora_a,
+            "lora_b": lora_b,
+            "grad_a": grad_a,
+            "grad_b": grad_b,
+        },
     )
     out_features, in_features = weight.shape
     rank = lora_a.shape[0]
@@ -106,20 +174,20 @@ def lora_importance(
         _check_size(op, name, size)
     row_sums = torch.empty(out_features, dtype=torch.float32, device=device)
     col_sums = torch.empty(in_features, dtype=torch.float32, device=device)
-    if weight.numel() == 0:
+    if out_features == 0 or in_features == 0:
         return row_sums.zero_(), col_sums.zero_()
-    weight, row_stride = _unit_column_stride(weight)
+    w = _weight_args(weight)
     a, b, ga, gb = (_float32_contiguous(t) for t in (lora_a, lora_b, grad_a, grad_b))
     workspace_floats = ext.lora_importance_workspace_floats(out_features, in_features)
     workspace = torch.empty(workspace_floats, dtype=torch.float32, device=device)
     ext.lora_importance(
         device=device.index,
         stream=_current_stream(device),
-        weight=weight.data_ptr(),
-        dtype=DTYPE_CODES[weight.dtype],
+        weight=w.pointer,
+        dtype=w.dtype,
         out_features=out_features,
         in_features=in_features,
-        weight_row_stride=row_stride,
+        weight_row_stride=w.row_stride,
         lora_a=a.data_ptr(),
         lora_b=b.data_ptr(),
         grad_a=ga.data_ptr(),
@@ -131,6 +199,11 @@ def lora_importance(
         col_sums=col_sums.data_ptr(),
         workspace=workspace.data_ptr(),
         workspace_floats=workspace_floats,
+        weight_format=w.format,
+        weight_scales=w.scales,
+        weight_code=w.code,
+        weight_blocksize=w.blocksize,
+        double_buffer=staging == "double",
     )
     return row_sums, col_sums
 
@@ -138,7 +211,7 @@ def lora_importance(
 def taylor_importance(
     x: torch.Tensor,
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
@@ -147,12 +220,13 @@ def taylor_importance(
     """Row sums (out,) and column sums (in,) of ``|(dYᵀX) ⊙ (W + s·B·A)|`` in float32, one fused GEMM over the tokens.
 
     dYᵀX runs on tensor cores (fp16/bf16 products exact, float32 through 3xTF32; see
-    csrc/taylor_importance.cu). X and dY of different dtypes are both cast to float32 first.
+    csrc/taylor_importance.cu). X and dY of different dtypes are both cast to float32 first. A
+    quantized ``W`` is read packed and dequantized in the kernel.
     """
     op = "taylor_importance"
     ext = extension()
     device = _common_cuda_device(
-        op, {"x": x, "grad_y": grad_y, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+        op, {"x": x, "grad_y": grad_y, "weight": _weight_tensor(weight), "lora_a": lora_a, "lora_b": lora_b}
     )
     tokens, in_features = x.shape
     out_features = weight.shape[0]
@@ -162,13 +236,13 @@ def taylor_importance(
         _check_size(op, name, size)
     row_sums = torch.empty(out_features, dtype=torch.float32, device=device)
     col_sums = torch.empty(in_features, dtype=torch.float32, device=device)
-    if tokens == 0 or weight.numel() == 0:
+    if tokens == 0 or out_features == 0 or in_features == 0:
         return row_sums.zero_(), col_sums.zero_()
     if x.dtype != grad_y.dtype:
         x, grad_y = x.float(), grad_y.float()
     x, x_row_stride = _unit_column_stride(x)
     grad_y, grad_row_stride = _unit_column_stride(grad_y)
-    weight, weight_row_stride = _unit_column_stride(weight)
+    w = _weight_args(weight)
     a, b = (None, None) if rank == 0 else (_float32_contiguous(lora_a), _float32_contiguous(lora_b))
     workspace_floats = ext.taylor_importance_workspace_floats(out_features, in_features)
     workspace = torch.empty(workspace_floats, dtype=torch.float32, device=device)
@@ -183,9 +257,9 @@ def taylor_importance(
         in_features=in_features,
         x_row_stride=x_row_stride,
         grad_row_stride=grad_row_stride,
-        weight=weight.data_ptr(),
-        weight_dtype=DTYPE_CODES[weight.dtype],
-        weight_row_stride=weight_row_stride,
+        weight=w.pointer,
+        weight_dtype=w.dtype,
+        weight_row_stride=w.row_stride,
         lora_a=0 if a is None else a.data_ptr(),
         lora_b=0 if b is None else b.data_ptr(),
         rank=rank,
@@ -195,6 +269,10 @@ def taylor_importance(
         col_sums=col_sums.data_ptr(),
         workspace=workspace.data_ptr(),
         workspace_floats=workspace_floats,
+        weight_format=w.format,
+        weight_scales=w.scales,
+        weight_code=w.code,
+        weight_blocksize=w.blocksize,
     )
     return row_sums, col_sums
 

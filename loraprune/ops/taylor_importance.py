@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from loraprune.ops._checks import FLOAT_DTYPES, check_scalar, check_tensor
+from loraprune.ops._checks import FLOAT_DTYPES, check_scalar, check_tensor, check_weight
 from loraprune.ops._dispatch import resolve
+from loraprune.ops.quantized_weight import QuantizedWeight
 
 # Rows of W' and of dYᵀX formed at a time by the reference.
 REFERENCE_ROW_BLOCK = 256
@@ -30,14 +31,12 @@ IMPLEMENTATIONS = {
 def validate(
     x: torch.Tensor,
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
 ) -> None:
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
-    out_features, in_features = weight.shape
-    device = weight.device
+    out_features, in_features, device = check_weight("weight", weight)
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, device=device)
     tokens = x.shape[0]
     check_tensor("x", x, shape=(tokens, in_features))
@@ -57,13 +56,14 @@ def validate(
 def taylor_importance_reference(
     x: torch.Tensor,
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
     squared: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The specification: fp32, one block of ``REFERENCE_ROW_BLOCK`` rows at a time."""
+    """The specification: fp32, one block of ``REFERENCE_ROW_BLOCK`` rows at a time (of a quantized
+    ``W`` too, dequantized block by block)."""
     out_features, in_features = weight.shape
     x32, dy32 = x.float(), grad_y.float()
     rows = torch.empty(out_features, dtype=torch.float32, device=weight.device)
@@ -71,7 +71,9 @@ def taylor_importance_reference(
     for start in range(0, out_features, REFERENCE_ROW_BLOCK):
         block = slice(start, min(start + REFERENCE_ROW_BLOCK, out_features))
         grad_block = dy32[:, block].T @ x32
-        merged = weight[block].float()
+        merged = (
+            weight.dequantize_rows(block) if isinstance(weight, QuantizedWeight) else weight[block].float()
+        )
         if lora_a is not None:
             merged = merged + scaling * (lora_b[block].float() @ lora_a.float())
         element = grad_block * merged
@@ -84,7 +86,7 @@ def taylor_importance_reference(
 def taylor_importance(
     x: torch.Tensor,
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     lora_a: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     scaling: float = 0.0,
@@ -98,7 +100,8 @@ def taylor_importance(
         x: the layer's input, tokens flattened (M×in), as the forward saw it (after its input mask).
             With M = 0 the gradient is zero, and so are both sums.
         grad_y: the gradient of the loss with respect to the layer's output (M×out), unscaled.
-        weight: frozen weight ``W`` (out×in), fp16/bf16/fp32.
+        weight: frozen weight ``W`` (out×in), fp16/bf16/fp32, or a :class:`QuantizedWeight`
+            (int8/nf4/fp4, dequantized as it is loaded).
         lora_a, lora_b: LoRA factors ``A`` (r×in) and ``B`` (out×r), or both ``None`` (``W' = W``).
         scaling: LoRA scaling ``s = alpha / r``.
         squared: use ``(∂L/∂W ⊙ W')²`` instead of ``|∂L/∂W ⊙ W'|``.
