@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from loraprune.config import CRITERIA, TAYLOR_IMPLS
+from loraprune.config import CRITERIA, LORA_ALPHA_MODES, TAYLOR_IMPLS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -125,6 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
         "score on calibration batches, prune, then fine-tune (LLM-Pruner)",
     )
     prune.add_argument("--lora-r", type=_positive_int, default=8)
+    prune.add_argument(
+        "--lora-final-r",
+        type=_positive_int,
+        default=None,
+        metavar="R",
+        help="PrunedLoRA: start the adapters at --lora-r and prune their rank components to R while they "
+        "train, by the start of the cool-down (default: the rank stays --lora-r)",
+    )
+    prune.add_argument(
+        "--lora-alpha-mode",
+        default="rank",
+        choices=list(LORA_ALPHA_MODES),
+        help="with --lora-final-r: rank (alpha follows the rank: the scaling stays alpha / --lora-r) or "
+        "fixed (alpha stays: the scaling becomes alpha / the current rank)",
+    )
+    prune.add_argument(
+        "--rank-prune-every",
+        type=_positive_int,
+        default=None,
+        metavar="K1",
+        help="with --lora-final-r: steps between rank removals (default: 10, or fewer to finish in time)",
+    )
+    prune.add_argument(
+        "--rank-prune-count",
+        type=_positive_int,
+        default=None,
+        metavar="K2",
+        help="with --lora-final-r: components removed per adapter each time (default: 2, or more to finish "
+        "in time)",
+    )
     prune.add_argument("--lora-alpha", type=float, default=16.0)
     prune.add_argument("--lora-dropout", type=float, default=0.05)
     prune.add_argument("--lr", type=float, default=1e-4)
@@ -332,6 +362,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
+        lora_final_r=args.lora_final_r,
+        lora_alpha_mode=args.lora_alpha_mode,
+        rank_prune_every=args.rank_prune_every,
+        rank_prune_count=args.rank_prune_count,
         gqa_unit=args.gqa_unit,
         layers=args.layers,
         ranking=args.ranking,
@@ -388,6 +422,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if data_parallel is not None and not data_parallel.is_main:
         return 0  # rank 0 compacts and writes the model and the report
     status = run.pruner.status()
+    lora_rank = _rank_report(run, summary)
     pruned = run.pruner.compact()
     pruned.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -399,6 +434,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
     )
     report["processes"] = 1 if data_parallel is None else data_parallel.world_size
+    if lora_rank is not None:
+        report["lora_rank"] = lora_rank
     from loraprune.io import atomic_write_text
 
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -412,6 +449,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for evaluation in evaluations:
         _say(args, f"perplexity {evaluation['perplexity']:.3f} on {evaluation['dataset']}")
     return 0
+
+
+def _rank_report(run, summary) -> dict | None:
+    """With rank pruning: the schedule used and each adapter's rank at the end (before compaction)."""
+    if run.rank_schedule is None:
+        return None
+    return {
+        "alpha_mode": run.prune_config.lora_alpha_mode,
+        "schedule": run.rank_schedule.to_dict(),
+        "ranks": run.pruner.rank.ranks(),
+        "peak_memory_after_rank_bytes": summary.peak_memory_after_rank_bytes,
+    }
 
 
 def _device_map(args: argparse.Namespace, data_parallel) -> str | dict | None:

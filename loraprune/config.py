@@ -14,6 +14,7 @@ LORA_MEMBERS = ("all", "rows")
 GQA_UNITS = ("kv_group", "q_head")
 RANKINGS = ("local", "global")
 QUANTIZE_BASE = ("int8", "nf4")
+LORA_ALPHA_MODES = ("fixed", "rank")
 
 
 @dataclass
@@ -32,6 +33,19 @@ class LoraPruneConfig:
             gradient during the backward, no weight gradient) or ``materialized`` (from the
             frozen weights' real gradients, one out×in gradient per matrix).
         lora_r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling = alpha / r) and dropout.
+        lora_final_r: PrunedLoRA (Xie et al. 2025): the adapters start at rank ``lora_r`` (a PEFT
+            adapter taken over: at its own rank) and lose their least important rank components
+            (row k of ``A`` with column k of ``B``) while they train, down to this rank; ``None``:
+            the rank stays ``lora_r``. See :mod:`loraprune.lora_rank`.
+        lora_alpha_mode: how alpha follows the rank as it shrinks: ``rank`` (alpha ∝ r, so the
+            scaling ``alpha / r`` stays ``lora_alpha / lora_r`` and a removal changes the adapter
+            only by the removed components: the paper's ``α = r`` when ``lora_alpha == lora_r``) or
+            ``fixed`` (alpha stays ``lora_alpha``, the scaling becomes ``lora_alpha / r`` at the
+            current rank, which scales the kept components up at every removal).
+        rank_prune_every, rank_prune_count: the rank schedule: every ``rank_prune_every`` steps
+            (K1) remove ``rank_prune_count`` components (K2) from each adapter; ``None``: the
+            paper's K1 = 10, K2 = 2 where they finish by the end of the structure schedule,
+            otherwise derived from the run length (see :func:`loraprune.lora_rank.rank_schedule`).
         target_modules: projections that get LoRA adapters.
         prune_heads, prune_channels: prune attention heads and/or MLP channels.
         gqa_unit: with grouped-query attention, prune whole KV groups (``kv_group``: k and v
@@ -63,6 +77,10 @@ class LoraPruneConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    lora_final_r: int | None = None
+    lora_alpha_mode: str = "rank"
+    rank_prune_every: int | None = None
+    rank_prune_count: int | None = None
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
     prune_heads: bool = True
     prune_channels: bool = True
@@ -99,6 +117,20 @@ class LoraPruneConfig:
             _check_choice("quantize_base", self.quantize_base, QUANTIZE_BASE)
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r <= 0:
             raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
+        _check_choice("lora_alpha_mode", self.lora_alpha_mode, LORA_ALPHA_MODES)
+        for name in ("lora_final_r", "rank_prune_every", "rank_prune_count"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lora_final_r is not None and self.lora_final_r > self.lora_r:
+            raise ValueError(
+                f"lora_final_r ({self.lora_final_r}) must not exceed lora_r ({self.lora_r}): the rank "
+                "only shrinks"
+            )
+        if self.lora_final_r is None:
+            for name in ("rank_prune_every", "rank_prune_count"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs lora_final_r (the rank to prune the adapters to)")
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

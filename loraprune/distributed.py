@@ -7,7 +7,9 @@ the same ``lora`` scores and the same optimizer step; the criteria that collect 
 during the backward (``act``, ``taylor`` fused) have their accumulators summed over ranks
 before each update. The masks are therefore identical on all ranks, which
 :class:`DistributedPruner` checks at every pruning step (a fingerprint compared across ranks)
-and fails loudly if not. Only rank 0 writes checkpoints; every rank reads them on resume.
+and fails loudly if not. With rank pruning (``lora_final_r``) the rank-component scores come from
+the same all-reduced gradients, every removal is checked the same way, and DDP is rebuilt around
+the narrowed factors. Only rank 0 writes checkpoints; every rank reads them on resume.
 
 With equal windows per rank, the mean of the ranks' losses is the global batch's loss, so a
 run on N processes computes what one process computes on the same global batch, up to float
@@ -19,6 +21,7 @@ summation order (LoRA dropout excepted: each rank draws its own masks).
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -86,12 +89,18 @@ class DistributedPruner(LoraPruner):
         super().prune(ratio)
         self.check_masks_agree()
 
+    def prune_rank(self, count: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> int:
+        removed = super().prune_rank(count, optimizer)
+        self.check_masks_agree()
+        return removed
+
     def check_masks_agree(self) -> None:
         """Raise on every rank unless all ranks hold the same masks (two scalar all-reduces)."""
         device = self.tracker.scores[0].device if self.tracker.scores else torch.device("cpu")
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        fingerprint = torch.tensor([mask_fingerprint(self.keep)], dtype=torch.int64, device=device)
+        kept = self.keep + (list(self.rank.kept.values()) if self.rank is not None else [])
+        fingerprint = torch.tensor([mask_fingerprint(kept)], dtype=torch.int64, device=device)
         low, high = fingerprint.clone(), fingerprint.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -124,9 +133,21 @@ class DistributedPruningRun(PruningRun):
         if self.rank:
             kwargs["progress"] = False
         super().__init__(model, windows, prune_config, run_config, **kwargs)
+        self.data_parallel_model: DistributedDataParallel | None = None
+        self._wrap()
+
+    def _wrap(self) -> None:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # DDP registers the trainable parameters (the LoRA factors) and averages their gradients.
         self.data_parallel_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _rank_changed(self) -> None:
+        """DDP's gradient buckets are sized for the factors' old shapes: drop the wrapper (its reducer
+        removes its autograd hooks) and wrap the narrowed model again. The rank-component scores came
+        from the all-reduced gradients, so every rank removed the same components."""
+        self.data_parallel_model = None
+        gc.collect()
+        self._wrap()
 
     def _backward(self, batch_index: int) -> torch.Tensor:
         """This rank's slice of the global micro-batch; returns the global batch's mean loss."""

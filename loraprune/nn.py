@@ -115,6 +115,28 @@ class LoraPruneLinear(nn.Module):
             getattr(self, name).copy_(mask)
         self._refresh_mask_flags()
 
+    @torch.no_grad()
+    def keep_rank_components(self, keep: torch.Tensor, scaling: float) -> None:
+        """Narrow the adapter to rank components ``keep`` (sorted int64 indices into the current
+        rank; component k is row k of ``A`` with column k of ``B``) with the new ``scaling``.
+
+        ``A``, ``B`` and their gradients are replaced by narrowed copies (the old storage is freed);
+        the Parameter objects stay the same, so an optimizer keeps them (its state is narrowed by
+        :meth:`loraprune.lora_rank.RankPruner.prune`).
+        """
+        if self.lora_A is None:
+            raise ValueError("keep_rank_components: this projection has no LoRA adapter")
+        if keep.ndim != 1 or not 1 <= keep.numel() <= self.r:
+            raise ValueError(f"keep must hold 1 to {self.r} component indices, got shape {tuple(keep.shape)}")
+        for param, axis in ((self.lora_A, 0), (self.lora_B, 1)):
+            index = keep.to(param.device)
+            grad, param.grad = param.grad, None
+            param.data = param.data.index_select(axis, index)
+            if grad is not None:
+                param.grad = grad.index_select(axis, index)
+        self.r = int(keep.numel())
+        self.scaling = float(scaling)
+
     # Set by the importance tracker while it scores (criteria ``taylor`` fused and ``act``): it
     # wraps the forward to collect this layer's input and a gradient during the backward.
     score_capture = None

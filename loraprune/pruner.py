@@ -10,6 +10,7 @@ from torch import nn
 from loraprune.compaction import compact
 from loraprune.config import LoraPruneConfig, check_ratio
 from loraprune.importance import ImportanceTracker
+from loraprune.lora_rank import RankPruner
 from loraprune.masks import global_prune_counts, grow_mask, prune_count
 from loraprune.nn import LoraPruneLinear, lora_modules, lora_parameters, patch_model
 from loraprune.quantization import QuantizedLoraPruneLinear
@@ -48,6 +49,11 @@ class LoraPruner:
         self.groups: list[StructureGroup] = build_groups(self.model, self.config)
         self.tracker = ImportanceTracker(self.model, self.groups, self.config)
         self.keep = [torch.ones(g.num_units, dtype=torch.bool) for g in self.groups]
+        self.rank: RankPruner | None = None  # PrunedLoRA: the adapters' rank shrinks (lora_final_r)
+        if self.config.lora_final_r is not None:
+            self.rank = RankPruner(
+                self.model, self.config.lora_final_r, self.config.lora_alpha_mode, self.config.ema_decay
+            )
         if self.tracker.needs_weight_grad:
             for group in self.groups:
                 for member in group.members:
@@ -59,6 +65,22 @@ class LoraPruner:
     def update_scores(self) -> None:
         """Fold the current gradients into the running importance (after backward, before zero_grad)."""
         self.tracker.update()
+
+    def update_rank_scores(self) -> None:
+        """Fold the current gradients into the rank components' running importance (with
+        ``lora_final_r``; after backward, before zero_grad)."""
+        self._rank_pruner().update()
+
+    def prune_rank(self, count: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Remove each adapter's ``count`` lowest-scored rank components (``None``: down to
+        ``lora_final_r``); pass the optimizer so that its state is narrowed with the factors.
+        Returns the number of components removed."""
+        return self._rank_pruner().prune(count, optimizer)
+
+    def _rank_pruner(self) -> RankPruner:
+        if self.rank is None:
+            raise RuntimeError("rank pruning needs LoraPruneConfig(lora_final_r=...)")
+        return self.rank
 
     def prune(self, ratio: float | None = None) -> None:
         """Grow the masks to ``ratio`` (default: the config's target) of each group's units."""
@@ -121,10 +143,18 @@ class LoraPruner:
         """Masks and importance state (LoRA factors live in the model's own state dict)."""
         state = {f"{g.name}.keep": k for g, k in zip(self.groups, self.keep, strict=True)}
         state.update(self.tracker.state_dict())
+        if self.rank is not None:
+            state.update({f"lora_rank.{k}": v for k, v in self.rank.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore masks, scores and, with rank pruning, each adapter's rank (narrowed to the saved
+        components: restore the LoRA factors' values after this)."""
         self.tracker.load_state_dict(state)
+        if self.rank is not None:
+            self.rank.load_state_dict(
+                {k.removeprefix("lora_rank."): v for k, v in state.items() if k.startswith("lora_rank.")}
+            )
         for i, group in enumerate(self.groups):
             keep = state.get(f"{group.name}.keep")
             if keep is None:

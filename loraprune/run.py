@@ -4,7 +4,9 @@ One plain loop (no Trainer): AdamW on the LoRA factors, gradient accumulation an
 autocast on the GPU with loss scaling for fp16 (scores are computed after ``unscale_``, on the
 true gradients). After every optimizer-step backward the importance moves; at each pruning step
 the masks grow to the schedule's ratio, reaching the exact target at ``T − cT``; the masked
-model then keeps fine-tuning to ``T``. ``mode="oneshot"`` is LLM-Pruner's recipe instead:
+model then keeps fine-tuning to ``T``. With ``lora_final_r`` the adapters also lose rank components on
+their own schedule (:func:`loraprune.lora_rank.rank_schedule`), reaching the final rank by ``T − cT``
+as well; the optimizer's state is narrowed with them. ``mode="oneshot"`` is LLM-Pruner's recipe instead:
 score once on calibration batches, prune to the target, then fine-tune.
 """
 
@@ -14,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import signal
 import time
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 
 from loraprune.config import LoraPruneConfig
 from loraprune.data import WindowSampler
+from loraprune.lora_rank import RankSchedule, rank_schedule
 from loraprune.masks import cubic_ratio
 from loraprune.nn import lora_modules
 from loraprune.pruner import LoraPruner
@@ -101,6 +105,8 @@ class RunSummary:
     skipped_score_updates: int
     peak_memory_bytes: int
     peak_memory_kind: str
+    # With rank pruning: the peak from the last rank removal on (in this process), i.e. at the final rank.
+    peak_memory_after_rank_bytes: int | None = None
 
 
 class PruningRun:
@@ -146,6 +152,19 @@ class PruningRun:
         self.elapsed = 0.0
         self.prune_steps = set(run_config.prune_steps())
         self.last_prune_step = max(self.prune_steps, default=0)
+        self.rank_schedule: RankSchedule | None = None
+        if self.pruner.rank is not None:
+            self.rank_schedule = rank_schedule(
+                run_config.steps,
+                run_config.warmup,
+                run_config.cooldown,
+                self.pruner.rank.initial_r,
+                prune_config.lora_final_r,
+                prune_config.rank_prune_every,
+                prune_config.rank_prune_count,
+            )
+        self.last_rank_step = max(self.rank_schedule.steps, default=0) if self.rank_schedule else 0
+        self.peak_before_rank_final: int | None = None  # the peak up to the last rank removal
         torch.manual_seed(seed)
 
     # -- training ----------------------------------------------------------------------------
@@ -153,6 +172,11 @@ class PruningRun:
     def scoring(self) -> bool:
         """Importance is tracked until the last pruning step (one-shot: during calibration only)."""
         return self.run_config.mode == "iterative" and self.step < self.last_prune_step
+
+    @property
+    def rank_scoring(self) -> bool:
+        """Rank components are scored until the last rank removal."""
+        return self.step < self.last_rank_step
 
     def current_ratio(self) -> float:
         if self.run_config.mode == "oneshot":
@@ -203,6 +227,8 @@ class PruningRun:
         self.scaler.unscale_(self.optimizer)
         if self.scoring:
             self.pruner.update_scores()
+        if self.rank_scoring:
+            self.pruner.update_rank_scores()
         torch.nn.utils.clip_grad_norm_(self.pruner.trainable_parameters(), config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -213,6 +239,15 @@ class PruningRun:
             self.pruner.prune(self.current_ratio())
             if self.step == self.last_prune_step:
                 self.pruner.finish_scoring()
+        if self.rank_schedule is not None and self.step in self.rank_schedule.steps:
+            last = self.step == self.last_rank_step
+            self.pruner.prune_rank(None if last else self.rank_schedule.count, self.optimizer)
+            self._rank_changed()
+            if last:
+                self.peak_before_rank_final = _reset_peak_memory(self.device)
+
+    def _rank_changed(self) -> None:
+        """The LoRA factors changed shape (rank pruning); a wrapper that holds them rebuilds here."""
 
     def run(self, stop_after: int | None = None) -> RunSummary:
         """Train (and prune) up to ``steps``, or ``stop_after`` more steps; checkpoints as configured.
@@ -257,10 +292,10 @@ class PruningRun:
         return self.summary()
 
     def summary(self) -> RunSummary:
-        if self.device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_max_allocated"
-        else:
-            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+        peak, kind = _peak_memory(self.device)
+        after_rank = None
+        if self.peak_before_rank_final is not None:
+            after_rank, peak = peak, max(peak, self.peak_before_rank_final)
         return RunSummary(
             self.step,
             self.step >= self.run_config.steps,
@@ -270,6 +305,7 @@ class PruningRun:
             self.pruner.tracker.total_skipped(),
             peak,
             kind,
+            after_rank,
         )
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -329,11 +365,7 @@ class PruningRun:
                 f"expected {CHECKPOINT_FORMAT}"
             )
         _check_same_settings(metadata["settings"], self._settings())
-        with torch.no_grad():
-            for path, module in lora_modules(self.model).items():
-                if module.lora_A is not None:
-                    for name in ("lora_A", "lora_B"):
-                        getattr(module, name).copy_(tensors[f"lora.{path}.{name}"])
+        # first: with rank pruning this narrows the adapters to the saved components
         self.pruner.load_state_dict(
             {
                 k.removeprefix("pruner."): v.to(self.device)
@@ -341,6 +373,13 @@ class PruningRun:
                 if k.startswith("pruner.")
             }
         )
+        if self.pruner.rank is not None:
+            self._rank_changed()
+        with torch.no_grad():
+            for path, module in lora_modules(self.model).items():
+                if module.lora_A is not None:
+                    for name in ("lora_A", "lora_B"):
+                        getattr(module, name).copy_(tensors[f"lora.{path}.{name}"])
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -357,6 +396,28 @@ class PruningRun:
             self.pruner.finish_scoring()
         if self.run_config.mode == "oneshot" and self.pruner.masked_anything():
             self.pruner.finish_scoring()
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """The process's peak memory so far: allocated CUDA memory, or the CPU's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    try:  # VmHWM, unlike ru_maxrss of a multi-threaded process, follows a reset through clear_refs
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024, "cpu_vmhwm"
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def _reset_peak_memory(device: torch.device) -> int:
+    """Start a new peak from the current use (Linux: ``/proc/self/clear_refs``); returns the old peak."""
+    peak, _ = _peak_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # not Linux: the peak stays the whole run's
+            Path("/proc/self/clear_refs").write_text("5")
+    return peak
 
 
 def _check_same_settings(saved: dict, current: dict) -> None:
