@@ -76,8 +76,8 @@ def rank_schedule(
     if to_remove <= 0:
         return RankSchedule(initial_r, final_r, every or PAPER_EVERY, count or PAPER_COUNT, ())
     if every is None:
-        events = math.ceil(to_remove / (count or PAPER_COUNT))
-        every = max(1, min(PAPER_EVERY, window // events))
+        needed = math.ceil(to_remove / (count or PAPER_COUNT))
+        every = max(1, min(PAPER_EVERY, window // needed))
     if count is None:
         slots = max(1, window // every)
         count = max(PAPER_COUNT, math.ceil(to_remove / slots))

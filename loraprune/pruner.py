@@ -40,6 +40,11 @@ class LoraPruner:
                 pruner.prune(schedule(step))  # masks only grow
         model = pruner.compact()              # dense, smaller, LoRA merged
 
+    With ``LoraPruneConfig(lora_r=64, lora_final_r=8)`` (PrunedLoRA) also call
+    ``pruner.update_rank_scores()`` beside ``update_scores()`` and, on the rank schedule
+    (:func:`loraprune.lora_rank.rank_schedule`), ``pruner.prune_rank(2, optimizer)`` after the
+    optimizer step (``prune_rank(None, optimizer)``: down to the final rank).
+
     The model is patched in place (see :func:`loraprune.nn.patch_model`).
     """
 

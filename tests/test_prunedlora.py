@@ -295,8 +295,11 @@ def test_resume_is_bit_identical(tmp_path, stop_after):
     assert torch.equal(*compact)
 
 
-@pytest.mark.parametrize("model_name", ["llama-gqa-tied", "llama-mha-untied"])
-@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize(
+    ("criterion", "model_name"),
+    [(c, "llama-gqa-tied") for c in CRITERIA]
+    + [("lora", "llama-mha-untied"), ("taylor", "qwen2-gqa-bias-tied")],
+)
 def test_every_criterion_prunes_the_rank_and_compacts_at_the_final_rank(criterion, model_name):
     run = make_run(model_name, criterion=criterion, steps=8, lora_dropout=0.05)
     summary = run.run()
