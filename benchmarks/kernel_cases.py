@@ -253,6 +253,20 @@ def linear_cases(grid: Grid) -> list[LinearCase]:
 # triton-old: every fast path off; triton-path: only the case's path; triton: all (the default).
 FAST_PATH_PROVIDERS = ("triton-old", "dense", "triton-path", "triton")
 FAST_PATH_REFERENCE = "triton-old"
+# The fast paths of the masked GEMM itself (forward and dX), timed at prefill sizes.
+GEMM_FAST_PATHS = ("lora_k_steps", "persistent", "tma")
+# (projection, tokens, fwd+bwd, masked fraction): the goal's M = 2048 and 8192 on 4096→11008, the
+# backward, and the K-heavy 11008→4096; the masked rows for lora_k_steps only (the others do not
+# change what a mask does).
+GEMM_PATH_RUNS = (
+    ("gate_up", 2048, False, 0.0),
+    ("gate_up", 8192, False, 0.0),
+    ("gate_up", 2048, True, 0.0),
+    ("down", 2048, False, 0.0),
+    ("down", 2048, True, 0.0),
+    ("gate_up", 2048, False, 0.5),
+    ("gate_up", 2048, True, 0.5),
+)
 HEAD_DIM = 128
 
 
@@ -281,7 +295,8 @@ class FastPathCase(LinearCase):
 def fast_path_cases(grid: Grid) -> list[FastPathCase]:
     """Decode at the grid's token counts up to 16 (1 on the quick grid), gate/up and down; then at
     M = 2048: the input-masked forward of o_proj, dropout in training, and the cached mask plan
-    (fwd+bwd, 50 % of outputs masked, also at 16 tokens)."""
+    (fwd+bwd, 50 % of outputs masked, also at 16 tokens); the GEMM paths (lora_k_steps,
+    persistent, tma) as GEMM_PATH_RUNS lists."""
     decode_tokens = [tokens for tokens in grid.tokens if tokens <= 16] or [1]
     cases = [
         FastPathCase(name, *LLAMA7B_SHAPES[name], 8, tokens, fraction, False, path="decode")
@@ -296,6 +311,12 @@ def fast_path_cases(grid: Grid) -> list[FastPathCase]:
         FastPathCase("gate_up", *gate_up, 8, 2048, 0.0, True, path="dropout_bits", dropout=0.05),
         FastPathCase("gate_up", *gate_up, 8, 16, 0.5, True, path="mask_cache"),
         FastPathCase("gate_up", *gate_up, 8, 2048, 0.5, True, path="mask_cache"),
+        *(
+            FastPathCase(name, *LLAMA7B_SHAPES[name], 8, tokens, fraction, backward, path=path)
+            for path in GEMM_FAST_PATHS
+            for name, tokens, backward, fraction in GEMM_PATH_RUNS
+            if fraction == 0.0 or path == "lora_k_steps"
+        ),
     ]
 
 

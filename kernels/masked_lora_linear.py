@@ -3,9 +3,10 @@
 Forward, two launches (one for decode, below):
 
 1. ``H = drop(X⊙m_in) Aᵀ`` (M×r), the skinny LoRA down-projection, computed once;
-2. one GEMM whose fp32 accumulator starts as ``H·(s·B)ᵀ`` (a prologue before the K loop, not yet
-   extra K steps of it) and then receives ``(X⊙m_in) Wᵀ``, with the bias and ``m_out`` applied in
-   the epilogue.
+2. one GEMM ``[X⊙m_in | H]·[W | s·B]ᵀ`` with the bias and ``m_out`` applied in the epilogue. On
+   the old path the fp32 accumulator starts as ``H·(s·B)ᵀ``, a prologue loop before the K loop
+   (one more memory latency per tile); with ``lora_k_steps`` the padded rank is extra K steps at
+   the end of the same loop, so that its loads pipeline with the main loop's.
 
 Output masks are gathered, not tiled. Pruned MLP channels (gate/up rows) are scattered: at 50 %
 masked almost no 64/128-wide tile of consecutive features is fully masked, so skipping whole
@@ -70,8 +71,15 @@ Fast paths (``loraprune.ops.masked_lora_linear.FAST_PATHS``, each selectable nex
 replaces until a GPU run compares them): ``mask_cache`` (the caller's cached
 :class:`~loraprune.ops.masked_lora_linear.MaskPlan`: no permutation rebuilt per call),
 ``k_tiles`` (the input-masked forward's K loops visit the plan's kept K tiles only),
-``dropout_bits`` (above) and ``decode`` (M <= 16 without dropout: :func:`_decode_kernel`, one
-launch with the down-projection folded into the K loop).
+``dropout_bits`` (above), ``decode`` (M <= 16 without dropout: :func:`_decode_kernel`, one
+launch with the down-projection folded into the K loop), and three of the GEMM itself (forward
+and dX, whose ``D W + s·(G A)`` has the same ``[D | G]·[W ; s·A]`` form; dA, dB, H and G are
+skinny reductions without a base term, so they have none): ``lora_k_steps`` (above; not for dX
+with dropout, whose keep-mask acts on the LoRA term alone), ``persistent`` (one program per SM
+looping over the output tiles in the grouped order) and ``tma`` (sm_90: L's and, where not
+gathered, Rt's tiles load through ``tl.make_tensor_descriptor`` descriptors; only where the
+operands are 16-byte aligned, and then in place of ``lora_k_steps``, whose per-step operand
+choice needs pointers).
 
 The public implementation is the custom op ``loraprune::masked_lora_linear`` (with its fake and
 autograd registered, so it traces under ``torch.compile``); ``masked_lora_linear`` wraps it with
@@ -92,6 +100,7 @@ from loraprune.kernels._utils import (
     dot_precision,
     m_bucket,
     padded_rank,
+    target_major,
     tuning_configs,
 )
 from loraprune.ops.masked_lora_linear import (
@@ -308,6 +317,204 @@ def _gemm_config(block_m: int, block_p: int, block_q: int, num_warps: int, num_s
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+@triton.jit
+def _load_rt_tile(rt_desc, q0, p0, RT_TRANSPOSED: tl.constexpr):
+    """The (BLOCK_Q × BLOCK_P) tile of Rt at ``(q0, p0)`` through its TMA descriptor: a descriptor
+    needs a unit last stride, so a transposed Rt (the forward's Wᵀ) is described as W and the tile
+    transposed after the load."""
+    if RT_TRANSPOSED:
+        return tl.trans(rt_desc.load([p0, q0]))
+    return rt_desc.load([q0, p0])
+
+
+@triton.jit
+def _gemm_tile(
+    tile_id, l_desc, rt_desc,
+    l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr, q_tile_counts_ptr,
+    pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
+    M, P, Q, R, scaling, dropout_p, keep_scale,
+    stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
+    stride_om, stride_op, stride_bm,
+    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr, Q_TILES: tl.constexpr,
+    HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
+    LORA_K_STEPS: tl.constexpr, TMA: tl.constexpr, RT_TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M × BLOCK_P) output tile of :func:`_masked_lora_gemm_kernel`, the ``tile_id``-th in
+    grouped order: GROUP_M row blocks sweep the column blocks together, for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_p = tl.cdiv(P, BLOCK_P)
+    pids_per_group = GROUP_M * num_pid_p
+    first_pid_m = (tile_id // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % pids_per_group) % group_size_m
+    pid_p = (tile_id % pids_per_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows = offs_m.to(tl.int64)
+    row_ok = offs_m < M
+    col_ok = positions < P  # the store mask: every column of the tile is written, masked ones with 0
+    # cols: the output columns of the tile; col_load: those whose operands are loaded. A tile with
+    # no live column (live == 0) skips both products: its loops run zero times, it stores zeros.
+    live = 1
+    if P_GATHER:
+        cols = tl.load(p_order_ptr + positions, mask=col_ok, other=0)
+        num_kept = tl.load(p_count_ptr).to(tl.int32)
+        col_keep = positions < num_kept
+        live = (pid_p * BLOCK_P < num_kept).to(tl.int32)
+        # The gathered axis has no contiguity to lose: masked columns are not even loaded.
+        col_load = col_keep
+    else:
+        cols = positions
+        col_load = col_ok
+        if HAS_PMASK:  # on the tile, not the load mask (these columns may be W's contiguous axis)
+            col_keep = tl.load(pmask_ptr + cols, mask=col_ok, other=0) != 0
+            live = tl.max(col_keep.to(tl.int32), axis=0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    if not LORA_K_STEPS:
+        # LoRA term first (a prologue), so that the dropout (per output element) acts on it alone
+        # while only one accumulator is live.
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R * live, BLOCK_R):
+            ranks = r0 + offs_r
+            rank_ok = ranks < R
+            h = tl.load(
+                h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
+                mask=row_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
+            f = tl.load(
+                f_ptr + ranks[:, None] * stride_fr + cols[None, :] * stride_fp,
+                mask=rank_ok[:, None] & col_load[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(h, (f.to(tl.float32) * scaling).to(h.dtype), acc, input_precision=DOT_PRECISION)
+        if LORA_DROPOUT:
+            if KEEP_BITS:
+                keep = _load_keep_bits(
+                    bits_ptr, rows, row_ok, stride_bm, pid_p * BLOCK_P, P, BLOCK_M, BLOCK_P
+                )
+            else:
+                keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
+            acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    q_len = Q
+    if Q_GATHER:
+        tl.static_assert(BLOCK_Q <= COMPACT_TAIL)
+        q_len = tl.load(q_count_ptr).to(tl.int32)
+    offs_q = tl.arange(0, BLOCK_Q)
+    # TMA loads Rt's tiles whole, so only where its columns are not gathered.
+    rt_tma = TMA and not (P_GATHER or Q_GATHER)
+    if LORA_K_STEPS:
+        # [L | H]·[Rt ; s·F]: the padded rank as extra BLOCK_Q-wide K steps after L's, in the same
+        # loop, so that their loads pipeline with the main loop's; each step selects its operands'
+        # pointers (H and F, here already s·F in the compute dtype, have L's and Rt's dtypes).
+        tl.static_assert(not (LORA_DROPOUT or TMA))
+        if Q_TILES:
+            tile_list, num_main = _kept_tiles(q_tiles_ptr, q_tile_counts_ptr, Q, BLOCK_Q)
+        else:
+            num_main = tl.cdiv(q_len, BLOCK_Q)
+        for step in range(0, (num_main + tl.cdiv(R, BLOCK_Q)) * live):
+            lora = step >= num_main
+            # On the LoRA steps q0 = Q, past every L column; on L's steps the ranks are negative.
+            if Q_TILES:
+                tile = tl.load(tile_list + tl.minimum(step, tl.maximum(num_main - 1, 0)))
+                q0 = tl.where(lora, Q, tile * BLOCK_Q)
+            else:
+                q0 = tl.where(lora, Q, step * BLOCK_Q)
+            q_positions = q0 + offs_q
+            q_ok = q_positions < q_len
+            ranks = (step - num_main) * BLOCK_Q + offs_q
+            rank_ok = (ranks >= 0) & (ranks < R)
+            lhs_ptrs = tl.where(
+                lora,
+                h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
+                l_ptr + rows[:, None] * stride_lm + q_positions[None, :] * stride_lq,
+            )
+            # L's load mask has a static bound (see below), H's the rank; each is false on the other's steps.
+            lhs_k_ok = rank_ok | (q_positions < Q)
+            lhs = tl.load(lhs_ptrs, mask=row_ok[:, None] & lhs_k_ok[None, :], other=0.0)
+            if HAS_QMASK:  # H's columns are not features: not masked
+                q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
+                lhs = tl.where((q_keep | (q_positions >= Q))[None, :], lhs, 0.0)
+            rt_rows = q_positions
+            if Q_GATHER:
+                rt_rows = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
+            rhs_ptrs = tl.where(
+                lora,
+                f_ptr + ranks[:, None] * stride_fr + cols[None, :] * stride_fp,
+                rt_ptr + rt_rows[:, None] * stride_rq + cols[None, :] * stride_rp,
+            )
+            rhs_k_ok = rank_ok | q_ok
+            rhs = tl.load(rhs_ptrs, mask=rhs_k_ok[:, None] & col_load[None, :], other=0.0)
+            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+    elif Q_TILES:  # K tiles by index, from the plan's list of those holding a kept feature
+        tile_list, num_tiles = _kept_tiles(q_tiles_ptr, q_tile_counts_ptr, Q, BLOCK_Q)
+        for tile in range(0, num_tiles * live):
+            q0 = tl.load(tile_list + tile) * BLOCK_Q
+            q_positions = q0 + offs_q
+            q_ok = q_positions < Q
+            if TMA:
+                lhs = l_desc.load([pid_m * BLOCK_M, q0])
+            else:
+                lhs = tl.load(
+                    l_ptr + rows[:, None] * stride_lm + q_positions[None, :] * stride_lq,
+                    mask=row_ok[:, None] & q_ok[None, :],
+                    other=0.0,
+                )
+            q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
+            lhs = tl.where(q_keep[None, :], lhs, 0.0)
+            if rt_tma:
+                rhs = _load_rt_tile(rt_desc, q0, pid_p * BLOCK_P, RT_TRANSPOSED)
+            else:
+                rhs = tl.load(
+                    rt_ptr + q_positions[:, None] * stride_rq + cols[None, :] * stride_rp,
+                    mask=q_ok[:, None] & col_load[None, :],
+                    other=0.0,
+                )
+            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+    else:
+        l_ptrs = l_ptr + rows[:, None] * stride_lm + offs_q[None, :] * stride_lq
+        rt_ptrs = rt_ptr + offs_q[:, None] * stride_rq + cols[None, :] * stride_rp
+        for q0 in range(0, q_len * live, BLOCK_Q):
+            q_positions = q0 + offs_q
+            q_ok = q_positions < q_len
+            # L's load mask has a static bound, so that the loads stay vectorised: with Q_GATHER, L is
+            # the compact D, in kept-first order and zero for COMPACT_TAIL columns past the prefix.
+            if TMA:  # out-of-bounds elements come back as zeros, as with the static bound
+                lhs = l_desc.load([pid_m * BLOCK_M, q0])
+            else:
+                lhs = tl.load(l_ptrs, mask=row_ok[:, None] & (q_positions < Q)[None, :], other=0.0)
+            if HAS_QMASK:  # on the tile, not the load mask: keeps the loads vectorised
+                q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
+                lhs = tl.where(q_keep[None, :], lhs, 0.0)
+            if Q_GATHER:  # Rt's rows by index: W's rows, contiguous along the tile's columns (coalesced)
+                ks = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
+                rhs_ptrs = rt_ptr + ks[:, None] * stride_rq + cols[None, :] * stride_rp
+                rhs = tl.load(rhs_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+            elif rt_tma:
+                rhs = _load_rt_tile(rt_desc, q0, pid_p * BLOCK_P, RT_TRANSPOSED)
+            else:
+                rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+                rt_ptrs += BLOCK_Q * stride_rq
+            l_ptrs += BLOCK_Q * stride_lq
+            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
+    if P_GATHER or HAS_PMASK:
+        acc = tl.where(col_keep[None, :], acc, 0.0)
+    # With P_GATHER the columns are scattered: each row of the tile is a scatter of whole columns.
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
 # BLOCK_P <= 128 keeps dX's column tiles inside one pruned head of o_proj (head_dim 128), so that
 # its input mask skips tiles; the gathered output masks do not depend on the tile width.
 @triton.autotune(
@@ -334,6 +541,10 @@ def _gemm_config(block_m: int, block_p: int, block_q: int, num_warps: int, num_s
         "Q_TILES",
         "LORA_DROPOUT",
         "KEEP_BITS",
+        "LORA_K_STEPS",
+        "PERSISTENT",
+        "TMA",
+        "RT_TRANSPOSED",
         "DOT_PRECISION",
         "KIND",
     ],
@@ -347,6 +558,7 @@ def _masked_lora_gemm_kernel(
     stride_om, stride_op, stride_bm,
     HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr, Q_TILES: tl.constexpr,
     HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
+    LORA_K_STEPS: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, RT_TRANSPOSED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KIND: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -362,121 +574,48 @@ def _masked_lora_gemm_kernel(
     ``P_GATHER``: column tiles are blocks of the permutation (see the module docstring).
     ``Q_TILES`` (with ``HAS_QMASK``): the K loop runs over the plan's kept K tiles only.
     ``KEEP_BITS``: the dropout keep-mask is read from the bits the forward stored (dX), not
-    recomputed; its columns are the output columns, so they must not be gathered."""
+    recomputed; its columns are the output columns, so they must not be gathered.
+
+    The LoRA term is a prologue before the K loop, or with ``LORA_K_STEPS`` (no dropout on it;
+    ``F`` given as ``s·F`` in L's dtype) extra K steps of the same loop. ``PERSISTENT``: one
+    program per SM (the launcher's grid) loops over the tiles in grouped order. ``TMA`` (sm_90):
+    L's tiles, and Rt's where its columns are not gathered, load through tensor descriptors
+    (``RT_TRANSPOSED``: Rt is a transposed view, described as its transpose)."""
     tl.static_assert(not (KEEP_BITS and P_GATHER))
     tl.static_assert(HAS_QMASK or not Q_TILES)
-    # Grouped program order: GROUP_M row blocks sweep the column blocks together, for L2 reuse.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_p = tl.cdiv(P, BLOCK_P)
-    pids_per_group = GROUP_M * num_pid_p
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-    pid_p = (pid % pids_per_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    rows = offs_m.to(tl.int64)
-    row_ok = offs_m < M
-    col_ok = positions < P  # the store mask: every column of the tile is written, masked ones with 0
-    # cols: the output columns of the tile; col_load: those whose operands are loaded. A tile with
-    # no live column (live == 0) skips both products: its loops run zero times, it stores zeros.
-    live = 1
-    if P_GATHER:
-        cols = tl.load(p_order_ptr + positions, mask=col_ok, other=0)
-        num_kept = tl.load(p_count_ptr).to(tl.int32)
-        col_keep = positions < num_kept
-        live = (pid_p * BLOCK_P < num_kept).to(tl.int32)
-        # The gathered axis has no contiguity to lose: masked columns are not even loaded.
-        col_load = col_keep
-    else:
-        cols = positions
-        col_load = col_ok
-        if HAS_PMASK:  # on the tile, not the load mask (these columns may be W's contiguous axis)
-            col_keep = tl.load(pmask_ptr + cols, mask=col_ok, other=0) != 0
-            live = tl.max(col_keep.to(tl.int32), axis=0)
-
-    # LoRA term first, so that the dropout (per output element) acts on it alone while only one
-    # accumulator is live.
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R * live, BLOCK_R):
-        ranks = r0 + offs_r
-        rank_ok = ranks < R
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
-            mask=row_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-        f = tl.load(
-            f_ptr + ranks[:, None] * stride_fr + cols[None, :] * stride_fp,
-            mask=rank_ok[:, None] & col_load[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(h, (f.to(tl.float32) * scaling).to(h.dtype), acc, input_precision=DOT_PRECISION)
-    if LORA_DROPOUT:
-        if KEEP_BITS:
-            keep = _load_keep_bits(bits_ptr, rows, row_ok, stride_bm, pid_p * BLOCK_P, P, BLOCK_M, BLOCK_P)
-        else:
-            keep = _dropout_keep(seed_ptr, offs_m, cols, dropout_p)
-        acc = tl.where(keep, acc * keep_scale, 0.0)
-
-    q_len = Q
-    if Q_GATHER:
-        tl.static_assert(BLOCK_Q <= COMPACT_TAIL)
-        q_len = tl.load(q_count_ptr).to(tl.int32)
-    offs_q = tl.arange(0, BLOCK_Q)
-    if Q_TILES:  # K tiles by index, from the plan's list of those holding a kept feature
-        tile_list, num_tiles = _kept_tiles(q_tiles_ptr, q_tile_counts_ptr, Q, BLOCK_Q)
-        for tile in range(0, num_tiles * live):
-            q_positions = tl.load(tile_list + tile) * BLOCK_Q + offs_q
-            q_ok = q_positions < Q
-            lhs = tl.load(
-                l_ptr + rows[:, None] * stride_lm + q_positions[None, :] * stride_lq,
-                mask=row_ok[:, None] & q_ok[None, :],
-                other=0.0,
-            )
-            q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
-            lhs = tl.where(q_keep[None, :], lhs, 0.0)
-            rhs = tl.load(
-                rt_ptr + q_positions[:, None] * stride_rq + cols[None, :] * stride_rp,
-                mask=q_ok[:, None] & col_load[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
-    else:
-        l_ptrs = l_ptr + rows[:, None] * stride_lm + offs_q[None, :] * stride_lq
-        rt_ptrs = rt_ptr + offs_q[:, None] * stride_rq + cols[None, :] * stride_rp
-        for q0 in range(0, q_len * live, BLOCK_Q):
-            q_positions = q0 + offs_q
-            q_ok = q_positions < q_len
-            # L's load mask has a static bound, so that the loads stay vectorised: with Q_GATHER, L is
-            # the compact D, in kept-first order and zero for COMPACT_TAIL columns past the prefix.
-            lhs = tl.load(l_ptrs, mask=row_ok[:, None] & (q_positions < Q)[None, :], other=0.0)
-            if HAS_QMASK:  # on the tile, not the load mask: keeps the loads vectorised
-                q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
-                lhs = tl.where(q_keep[None, :], lhs, 0.0)
-            if Q_GATHER:  # Rt's rows by index: W's rows, contiguous along the tile's columns (coalesced)
-                ks = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
-                rhs_ptrs = rt_ptr + ks[:, None] * stride_rq + cols[None, :] * stride_rp
-                rhs = tl.load(rhs_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
+    l_desc = l_ptr
+    rt_desc = rt_ptr
+    if TMA:
+        l_desc = tl.make_tensor_descriptor(l_ptr, [M, Q], [stride_lm, 1], [BLOCK_M, BLOCK_Q])
+        if not (P_GATHER or Q_GATHER):
+            if RT_TRANSPOSED:
+                rt_desc = tl.make_tensor_descriptor(rt_ptr, [P, Q], [stride_rp, 1], [BLOCK_P, BLOCK_Q])
             else:
-                rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
-                rt_ptrs += BLOCK_Q * stride_rq
-            l_ptrs += BLOCK_Q * stride_lq
-            acc = tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
-    if P_GATHER or HAS_PMASK:
-        acc = tl.where(col_keep[None, :], acc, 0.0)
-    # With P_GATHER the columns are scattered: each row of the tile is a scatter of whole columns.
-    tl.store(
-        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+                rt_desc = tl.make_tensor_descriptor(rt_ptr, [Q, P], [stride_rq, 1], [BLOCK_Q, BLOCK_P])
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(P, BLOCK_P)
+        for tile_id in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_tile(
+                tile_id, l_desc, rt_desc,
+                l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr,
+                q_tile_counts_ptr, pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
+                M, P, Q, R, scaling, dropout_p, keep_scale,
+                stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
+                stride_om, stride_op, stride_bm,
+                HAS_BIAS, HAS_QMASK, Q_GATHER, Q_TILES, HAS_PMASK, P_GATHER, LORA_DROPOUT, KEEP_BITS,
+                LORA_K_STEPS, TMA, RT_TRANSPOSED, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M,
+            )  # fmt: skip
+    else:  # one tile per program: the same code as before the persistent schedule
+        _gemm_tile(
+            tl.program_id(0), l_desc, rt_desc,
+            l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr,
+            q_tile_counts_ptr, pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
+            M, P, Q, R, scaling, dropout_p, keep_scale,
+            stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
+            stride_om, stride_op, stride_bm,
+            HAS_BIAS, HAS_QMASK, Q_GATHER, Q_TILES, HAS_PMASK, P_GATHER, LORA_DROPOUT, KEEP_BITS,
+            LORA_K_STEPS, TMA, RT_TRANSPOSED, DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M,
+        )  # fmt: skip
 
 
 @triton.autotune(
@@ -774,6 +913,60 @@ def _lora_grad(
     )  # fmt: skip
 
 
+class GemmPaths(NamedTuple):
+    """The GEMM fast paths a call may take (``FAST_PATHS`` names): ``lora_k_steps`` (the LoRA term
+    as extra K steps; not where it carries the dropout, dX in training), ``persistent`` (one
+    program per SM looping over the tiles) and ``tma`` (tensor-descriptor loads, on compute
+    capability >= 9.0 where the operands are 16-byte aligned; it takes precedence over
+    ``lora_k_steps``, whose steps select between pointers a descriptor load cannot)."""
+
+    lora_k_steps: bool = False
+    persistent: bool = False
+    tma: bool = False
+
+
+NO_GEMM_PATHS = GemmPaths()
+
+
+def _tma_describable(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor, or its transpose, can back a TMA descriptor: 16-byte aligned base, one
+    unit stride, the other a multiple of 16 bytes."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    return (t.stride(1) == 1 and t.stride(0) * size % 16 == 0) or (
+        t.stride(0) == 1 and t.stride(1) * size % 16 == 0
+    )
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_scratch_allocator() -> None:
+    """Descriptors made in a kernel live in global scratch memory that Triton allocates at launch
+    through ``triton.set_allocator``; set torch's caching allocator (CUDA-graph safe) unless the
+    application set one. Per call: the allocator is a context variable, unset in new threads
+    (autograd's backward runs in its own)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent schedule: one per SM; three in the interpreter, so that each
+    program runs several tiles."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
+def _scaled_factor(f: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``s·F`` in the compute dtype (r×P, F's strides): lora_k_steps loads it as Rt's continuation."""
+    return torch.mul(f, scaling).to(dtype)
+
+
 def _masked_gemm(
     lhs: torch.Tensor,
     rt: torch.Tensor,
@@ -787,18 +980,35 @@ def _masked_gemm(
     dropout_p: float,
     kind: str,
     bits: torch.Tensor | None = None,
+    paths: GemmPaths = NO_GEMM_PATHS,
 ) -> torch.Tensor:
     """``((lhs⊙q_mask) Rt + s·(hidden F)⊙drop + bias) ⊙ p_mask`` (M×P) in ``lhs.dtype``, for ``lhs``
     (M×Q), ``rt`` (Q×P), ``hidden`` (M×r) and ``f`` (r×P); ``rt`` and ``f`` may be transposed views.
     With a gathered ``q_mask``, ``lhs`` comes in kept-first order (from :func:`_lora_down`); with
-    ``bits`` the dropout keep-mask (over the output columns) is read from the forward's bits."""
+    ``bits`` the dropout keep-mask (over the output columns) is read from the forward's bits.
+    ``paths``: the GEMM fast paths allowed (each taken only where it applies, see GemmPaths)."""
     num_rows, reduce_len = lhs.shape
     rank, num_cols = f.shape
     out = torch.empty((num_rows, num_cols), device=lhs.device, dtype=lhs.dtype)
     bits_arg = lhs if bits is None else bits
+    gathered = isinstance(q_mask, KeptFirst) or isinstance(p_mask, KeptFirst)
+    tma = (
+        paths.tma
+        and target_major(lhs.device) >= 9
+        and lhs.stride(1) == 1
+        and _tma_describable(lhs)
+        and (gathered or _tma_describable(rt))
+    )
+    k_steps = paths.lora_k_steps and not tma and seed is None and lhs.dtype == rt.dtype == hidden.dtype
+    if k_steps:
+        f = _scaled_factor(f, scaling, rt.dtype)
+    if tma and lhs.is_cuda:
+        _ensure_scratch_allocator()
+    programs = _persistent_programs(lhs.device) if paths.persistent else 0
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_P"]),)
+        tiles = triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_P"])
+        return (min(tiles, programs) if programs else tiles,)
 
     _masked_lora_gemm_kernel[grid](
         lhs, rt, hidden, f, lhs if bias is None else bias, *_axis_args(q_mask, lhs), *_tile_args(q_mask, lhs),
@@ -810,8 +1020,9 @@ def _masked_gemm(
         HAS_QMASK=isinstance(q_mask, (torch.Tensor, KeptTiles)), Q_GATHER=isinstance(q_mask, KeptFirst),
         Q_TILES=isinstance(q_mask, KeptTiles),
         HAS_PMASK=isinstance(p_mask, torch.Tensor), P_GATHER=isinstance(p_mask, KeptFirst),
-        LORA_DROPOUT=seed is not None, KEEP_BITS=bits is not None, DOT_PRECISION=dot_precision(lhs.dtype),
-        KIND=kind, BLOCK_R=padded_rank(rank, MAX_RANK_BLOCK),
+        LORA_DROPOUT=seed is not None, KEEP_BITS=bits is not None, LORA_K_STEPS=k_steps,
+        PERSISTENT=bool(programs), TMA=tma, RT_TRANSPOSED=rt.stride(1) != 1,
+        DOT_PRECISION=dot_precision(lhs.dtype), KIND=kind, BLOCK_R=padded_rank(rank, MAX_RANK_BLOCK),
     )  # fmt: skip
     return out
 
@@ -892,6 +1103,9 @@ def masked_lora_linear_op(
     in_tile_counts: torch.Tensor | None = None,
     keep_bits: bool = False,
     decode: bool = False,
+    lora_k_steps: bool = False,
+    persistent: bool = False,
+    tma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on 2-D ``x`` (M×in) in ``weight.dtype``; dropout is on iff ``seed`` is given.
 
@@ -899,7 +1113,8 @@ def masked_lora_linear_op(
     :class:`~loraprune.ops.masked_lora_linear.MaskPlan` of the masks (the kept-first order is
     computed here when not given; without the tile lists the K loops visit every tile).
     ``keep_bits`` stores the dropout keep-mask for the backward; ``decode`` takes the one-launch
-    path for M <= 16 tokens without dropout.
+    path for M <= 16 tokens without dropout; ``lora_k_steps``, ``persistent`` and ``tma`` allow the
+    GEMM fast paths (:class:`GemmPaths`) in the forward and in dX.
 
     Returns ``Y``, the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses, and the
     keep bits (uint8, M×⌈in/8⌉; empty unless stored).
@@ -921,8 +1136,9 @@ def masked_lora_linear_op(
         hidden, _ = _lora_down(x, lora_a, q_mask, seed, dropout_p, "h", bits=bits if bits.numel() else None)
         # Transposed views (no copies) give the GEMM its (Q×P) and (r×P) operands.
         y = _masked_gemm(
-            x, weight.t(), hidden, lora_b.t(), scaling, bias, q_mask, out_kept, None, 0.0, "forward"
-        )
+            x, weight.t(), hidden, lora_b.t(), scaling, bias, q_mask, out_kept, None, 0.0, "forward",
+            paths=GemmPaths(lora_k_steps, persistent, tma),
+        )  # fmt: skip
     return y, hidden, bits
 
 
@@ -945,9 +1161,13 @@ def masked_lora_linear_backward_op(
     needs_x: bool,
     needs_a: bool,
     needs_b: bool,
+    lora_k_steps: bool = False,
+    persistent: bool = False,
+    tma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX, dA, dB)``; a gradient not asked for comes back as an empty placeholder. With
-    ``keep_bits`` (the forward's) dA and dX read the dropout keep-mask instead of recomputing it."""
+    ``keep_bits`` (the forward's) dA and dX read the dropout keep-mask instead of recomputing it;
+    ``lora_k_steps``, ``persistent`` and ``tma``: the GEMM fast paths dX may take."""
     grad_y = _rows_contiguous(grad_y)
     x = _rows_contiguous(x)
     out_mask, in_mask = _contiguous(out_mask), _contiguous(in_mask)
@@ -988,6 +1208,7 @@ def masked_lora_linear_backward_op(
                 dropout_p,
                 "dx",
                 bits,
+                GemmPaths(lora_k_steps, persistent, tma),
             )
     return grad_x, grad_a, grad_b
 
@@ -1010,6 +1231,9 @@ def _(
     in_tile_counts=None,
     keep_bits=False,
     decode=False,
+    lora_k_steps=False,
+    persistent=False,
+    tma=False,
 ):
     return (
         x.new_empty((x.shape[0], weight.shape[0])),
@@ -1037,6 +1261,9 @@ def _(
     needs_x,
     needs_a,
     needs_b,
+    lora_k_steps=False,
+    persistent=False,
+    tma=False,
 ):
     def grad_like(t: torch.Tensor, needed: bool) -> torch.Tensor:
         return t.new_empty(t.shape) if needed else grad_y.new_empty(0)
@@ -1054,6 +1281,7 @@ def _setup_context(ctx, inputs, output) -> None:
     )
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
+    ctx.gemm_paths = tuple(inputs[16:19])  # lora_k_steps, persistent, tma: dX takes them too
 
 
 def _backward_rule(
@@ -1081,6 +1309,7 @@ def _backward_rule(
         needs_x,
         needs_a,
         needs_b,
+        *ctx.gemm_paths,
     )
     no_grads = (None,) * (len(ctx.needs_input_grad) - 5)
     return (
@@ -1176,5 +1405,8 @@ def masked_lora_linear(
         plan.in_tile_counts if k_tiles else None,
         "dropout_bits" in paths,
         "decode" in paths,
+        "lora_k_steps" in paths,
+        "persistent" in paths,
+        "tma" in paths,
     )
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -143,6 +143,15 @@ SHAPES = {  # (leading shape of x, in, out, rank)
 }
 # The kernels with every fast path off (the paths they replace) and on; each must match the reference.
 PATHS = {"old": frozenset(), "fast": frozenset(FAST_PATHS)}
+# The GEMM fast paths alone, and every path but tma (which takes precedence over lora_k_steps
+# where it fits): each must match the reference like the paths they accelerate.
+GEMM_PATHS = {
+    "lora_k_steps": frozenset({"lora_k_steps"}),
+    "persistent": frozenset({"persistent"}),
+    "tma": frozenset({"tma"}),
+    "all_but_tma": frozenset(FAST_PATHS) - {"tma"},
+}
+ALL_PATHS = {**PATHS, **GEMM_PATHS}
 
 
 def with_paths(paths: frozenset[str]):
@@ -163,6 +172,23 @@ def test_forward_and_gradients_match_reference(shape, mask_kind, with_bias, path
         assert_close(got, want, torch.float32)
     if mask_kind == "all_masked":
         assert not actual[0].any() and not actual[1].any() and not actual[2].any() and not actual[3].any()
+
+
+# "aligned": every row stride a multiple of 16 bytes in float32, so tma can take it; "odd": it cannot.
+GEMM_SHAPES = {"aligned": ((37,), 96, 80, 5), "odd": ((2, 9), 70, 45, 19)}
+
+
+@pytest.mark.parametrize("paths", GEMM_PATHS.values(), ids=GEMM_PATHS.keys())
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES.values(), ids=GEMM_SHAPES.keys())
+def test_gemm_fast_paths_match_reference(shape, mask_kind, paths):
+    lead, in_features, out_features, rank = shape
+    layer = make_layer(lead, in_features, out_features, rank)
+    out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
+    actual = run(with_paths(paths), layer, out_mask, in_mask)
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
 
 
 def test_plan_lists_the_kept_features_and_k_tiles_first_in_order():
@@ -192,7 +218,7 @@ SCATTERED_CASES = {  # (leading shape of x, in, out, rank, bias, in-mask); out: 
 }
 
 
-@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("paths", ALL_PATHS.values(), ids=ALL_PATHS.keys())
 @pytest.mark.parametrize("fraction", SCATTERED_FRACTIONS.values(), ids=SCATTERED_FRACTIONS.keys())
 @pytest.mark.parametrize("case", SCATTERED_CASES.values(), ids=SCATTERED_CASES.keys())
 def test_scattered_output_masks_match_reference(case, fraction, paths):
@@ -227,9 +253,9 @@ def test_scattered_masked_features_are_never_loaded_nor_computed(monkeypatch):
     loaded: list[np.ndarray] = []  # addresses of the elements loaded
     num_dots = [0]
 
-    def spy_load(self, ptrs, mask, *args):
+    def spy_load(self, ptrs, mask, *args, **kwargs):
         loaded.append(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64))
-        return masked_load(self, ptrs, mask, *args)
+        return masked_load(self, ptrs, mask, *args, **kwargs)
 
     def spy_dot(self, *args):
         num_dots[0] += 1
@@ -249,9 +275,19 @@ def test_scattered_masked_features_are_never_loaded_nor_computed(monkeypatch):
         args = (layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"], layer["scaling"])
         return kernel.masked_lora_linear(layer["x"], *args, out_mask, None, 0.0, False)
 
+    # lora_k_steps (default on) reads B through s·B, a copy in the compute dtype: spy on it too.
+    scaled_b: list[torch.Tensor] = []
+    scaled_factor = kernel._scaled_factor
+
+    def spy_scaled_factor(*args):
+        scaled_b.append(scaled_factor(*args))
+        return scaled_b[-1]
+
+    monkeypatch.setattr(kernel, "_scaled_factor", spy_scaled_factor)
     y = forward(out_mask)
     dots_masked = num_dots[0]
-    assert rows_loaded(layer["weight"]) == kept and rows_loaded(layer["lora_b"]) == kept
+    b_rows = rows_loaded(scaled_b[0].t()) if scaled_b else rows_loaded(layer["lora_b"])
+    assert rows_loaded(layer["weight"]) == kept and b_rows == kept
     y.backward(torch.randn_like(y))
     assert rows_loaded(layer["weight"]) == kept  # dX reduces over the kept W rows only
     loaded.clear()
@@ -297,7 +333,7 @@ def test_rank_above_one_rank_block():
         assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("paths", ALL_PATHS.values(), ids=ALL_PATHS.keys())
 @pytest.mark.parametrize("mask_kind", ["both_random", "head_blocks"])
 @pytest.mark.parametrize("lead", [(3, 11), (2, 5)], ids=["33_tokens", "10_tokens"])
 def test_dropout_matches_reference_with_the_same_keep_mask(lead, mask_kind, paths):
@@ -348,7 +384,7 @@ def test_dropout_reproducible_under_manual_seed_and_off_when_not_training():
         assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("paths", ALL_PATHS.values(), ids=ALL_PATHS.keys())
 @pytest.mark.parametrize("mask_kind", ["head_blocks", "scattered"])
 @pytest.mark.parametrize(
     "dtype",
@@ -492,8 +528,9 @@ GRAD_SUBSETS = {  # which of x, lora_a, lora_b require grad
 }
 
 
+@pytest.mark.parametrize("paths", ALL_PATHS.values(), ids=ALL_PATHS.keys())
 @pytest.mark.parametrize("needs", GRAD_SUBSETS.values(), ids=GRAD_SUBSETS.keys())
-def test_backward_with_any_subset_of_inputs_requiring_grad(needs):
+def test_backward_with_any_subset_of_inputs_requiring_grad(needs, paths):
     """Bug: with exactly one of x, A, B requiring grad the custom op returned one empty placeholder
     as two of its outputs, and torch's aliasing check raised (e.g. A and B frozen and only x
     requiring grad: input-gradient analysis, or a frozen adapter)."""
@@ -512,7 +549,7 @@ def test_backward_with_any_subset_of_inputs_requiring_grad(needs):
         out_mask,
         in_mask,
     )
-    y = kernel.masked_lora_linear(layer["x"], *args, 0.0, False)
+    y = with_paths(paths)(layer["x"], *args, 0.0, False)
     grad_y = torch.randn_like(y)
     actual = torch.autograd.grad(y, wanted, grad_y)
     expected = torch.autograd.grad(masked_lora_linear_reference(layer["x"], *args), wanted, grad_y)
@@ -651,9 +688,9 @@ def test_k_tiles_skip_the_masked_tiles_of_an_input_masked_forward(monkeypatch):
     masked_load = builder.create_masked_load
     loaded: list[np.ndarray] = []
 
-    def spy_load(self, ptrs, mask, *args):
+    def spy_load(self, ptrs, mask, *args, **kwargs):
         loaded.append(ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64))
-        return masked_load(self, ptrs, mask, *args)
+        return masked_load(self, ptrs, mask, *args, **kwargs)
 
     monkeypatch.setattr(builder, "create_masked_load", spy_load)
 
@@ -725,6 +762,74 @@ def test_traces_under_torch_compile(paths):
     actual = run(compiled, layer, out_mask, in_mask)
     for got, want in zip(actual, run(with_paths(paths), layer, out_mask, in_mask), strict=True):
         assert_close(got, want, torch.float32)
+
+
+def gemm_launches(monkeypatch) -> list[dict]:
+    """Every launch of the masked GEMM kernel: its autotune key arguments (KIND, LORA_K_STEPS,
+    PERSISTENT, TMA, ...) and ``programs``, its grid at the interpreter's one config."""
+    from triton.runtime.autotuner import Autotuner
+
+    launches: list[dict] = []
+    autotuned_run = Autotuner.run
+
+    def spy(self, *args, **kwargs):
+        if self.fn.__name__ == "_masked_lora_gemm_kernel":
+            named = {**dict(zip(self.arg_names, args, strict=False)), **kwargs}
+            (config,) = self.configs
+            launches.append(
+                {**{k: named[k] for k in self.keys}, "programs": kwargs["grid"](config.kwargs)[0]}
+            )
+        return autotuned_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", spy)
+    return launches
+
+
+@pytest.mark.skipif(not triton_interpreter(), reason="the interpreter's single config sizes the grid")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["plain", "dropout"])
+def test_gemm_fast_paths_are_taken_where_they_apply(monkeypatch, dropout_p):
+    """lora_k_steps in the forward and in dX (not in dX with dropout: it acts on the LoRA term
+    alone); persistent: fewer programs than tiles; tma only where the operands are 16-byte aligned
+    and the target's compute capability is >= 9.0, and then in place of lora_k_steps."""
+    from triton.runtime import interpreter
+
+    descriptor_loads = [0]
+    load = interpreter.InterpreterBuilder.create_descriptor_load
+
+    def counting_load(self, *args):
+        descriptor_loads[0] += 1
+        return load(self, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_load", counting_load)
+    launches = gemm_launches(monkeypatch)
+    training = dropout_p > 0
+
+    def taken(paths, shape=GEMM_SHAPES["aligned"], mask_kind="both_random") -> dict[str, dict]:
+        lead, in_features, out_features, rank = shape
+        launches.clear()
+        descriptor_loads[0] = 0
+        layer = make_layer(lead, in_features, out_features, rank)
+        out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
+        run(with_paths(paths), layer, out_mask, in_mask, dropout_p, training)
+        return {launch["KIND"]: launch for launch in launches}
+
+    k_steps = taken(GEMM_PATHS["lora_k_steps"])
+    assert k_steps["forward"]["LORA_K_STEPS"] and k_steps["dx"]["LORA_K_STEPS"] != training
+    assert not any(launch["TMA"] or launch["PERSISTENT"] for launch in k_steps.values())
+    old = taken(PATHS["old"], mask_kind="absent")  # 37 x 80 and 37 x 96 outputs: 6 and 6 tiles of 32
+    persistent = taken(GEMM_PATHS["persistent"], mask_kind="absent")
+    for kind in ("forward", "dx"):
+        assert old[kind]["programs"] == 6 and not old[kind]["PERSISTENT"]
+        assert persistent[kind]["programs"] == 3 and persistent[kind]["PERSISTENT"]
+    tma = taken(GEMM_PATHS["tma"])
+    assert tma["forward"]["TMA"] and tma["dx"]["TMA"] and descriptor_loads[0] > 0
+    both = taken(GEMM_PATHS["tma"] | GEMM_PATHS["lora_k_steps"])
+    assert both["forward"]["TMA"] and not both["forward"]["LORA_K_STEPS"]
+    odd = taken(GEMM_PATHS["tma"], shape=GEMM_SHAPES["odd"])  # rows of 70 and 45 floats
+    assert not odd["forward"]["TMA"] and not odd["dx"]["TMA"] and descriptor_loads[0] == 0
+    monkeypatch.setattr(kernel, "target_major", lambda device: 8)  # an sm_80 target
+    ampere = taken(GEMM_PATHS["tma"] | GEMM_PATHS["lora_k_steps"])
+    assert not ampere["forward"]["TMA"] and ampere["forward"]["LORA_K_STEPS"] and descriptor_loads[0] == 0
 
 
 # --- GPU: half precision at LLaMA-7B shapes ----------------------------------------------------
@@ -882,6 +987,9 @@ def test_fast_path_benchmark_cases_agree_with_their_reference(monkeypatch, path)
             "tiny", 64, 48, 4, 20, 0.0, True, path="dropout_bits", dropout=0.2
         ),
         "mask_cache": kernel_cases.FastPathCase("tiny", 64, 48, 4, 20, 0.5, True, path="mask_cache"),
+        "lora_k_steps": kernel_cases.FastPathCase("tiny", 64, 48, 4, 40, 0.5, True, path="lora_k_steps"),
+        "persistent": kernel_cases.FastPathCase("tiny", 64, 48, 4, 40, 0.0, True, path="persistent"),
+        "tma": kernel_cases.FastPathCase("tiny", 64, 48, 4, 40, 0.0, True, path="tma"),
     }[path]
     inputs = kernel_cases.fast_path_inputs(case, DEVICE, seed=0)
     for provider in kernel_cases.FAST_PATH_PROVIDERS:

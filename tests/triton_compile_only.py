@@ -116,14 +116,22 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
         out_mask = torch.rand(out_features, generator=gen) > 0.5
         in_mask = torch.rand(in_features, generator=gen) > 0.5
         # The old paths, then every fast path (k_tiles and dropout_bits with masks and dropout, decode
-        # at 16 tokens): each is compiled and reported until a GPU run has compared them.
+        # at 16 tokens; the GEMM's lora_k_steps, persistent and tma, alone and together, without
+        # masks and with gathered ones: tma only where the target is sm_90, in place of
+        # lora_k_steps): each is compiled and reported until a GPU run has compared them.
         all_paths = frozenset(FAST_PATHS)
+        mask_paths = frozenset({"mask_cache", "k_tiles", "dropout_bits"})
         for masks, dropout_p, tokens, paths in (
             ((None, None), 0.0, rows, frozenset()),
             ((out_mask, in_mask), 0.1, rows, frozenset()),
             ((out_mask, in_mask), 0.1, rows, all_paths),
             ((None, None), 0.0, 16, all_paths),
             ((out_mask, in_mask), 0.0, 16, all_paths),
+            ((None, None), 0.0, rows, frozenset({"lora_k_steps"})),
+            ((out_mask, in_mask), 0.0, rows, mask_paths | {"lora_k_steps"}),
+            ((None, None), 0.0, rows, frozenset({"persistent"})),
+            ((None, None), 0.0, rows, frozenset({"tma"})),
+            ((None, None), 0.0, rows, all_paths),
         ):
             x = torch.randn(tokens, in_features, generator=gen).to(dtype).requires_grad_()
             lora_a, lora_b = (f.clone().requires_grad_() for f in factors)
