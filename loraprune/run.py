@@ -422,9 +422,12 @@ def _reset_peak_memory(device: torch.device) -> int:
 
 def _check_same_settings(saved: dict, current: dict) -> None:
     differences = []
+    defaults = {"prune_config": LoraPruneConfig().to_dict(), "run_config": asdict(RunConfig())}
     for section in ("prune_config", "run_config"):
         for key in sorted(set(saved[section]) | set(current[section])):
             before, now = saved[section].get(key), current[section].get(key)
+            if key not in saved[section] and json.dumps(now) == json.dumps(defaults[section].get(key)):
+                continue  # a setting added since the checkpoint was written, at its default
             if json.dumps(before) != json.dumps(now):
                 differences.append(f"{key}: {before!r} then, {now!r} now")
     for key in ("seed", "amp_dtype"):

@@ -419,3 +419,26 @@ def test_two_processes_prune_the_rank_as_one_process_does(tiny_llama_dir, calib_
     prune(model_dir, calib_text, resumed, 2, *flags, "--stop-after", "2")  # inside the rank schedule
     prune(model_dir, calib_text, resumed, 2, *flags, "--resume")
     assert_same_model(tmp_path / "parallel", resumed)
+
+
+def test_resume_checks_the_rank_settings_and_takes_checkpoints_from_before_them(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    make_run(steps=12, checkpoint=checkpoint).run(stop_after=3)
+    other = make_run(steps=12, checkpoint=checkpoint, lora_final_r=4)
+    with pytest.raises(ValueError, match=r"lora_final_r: 5 then, 4 now"):
+        other.load_checkpoint()
+    # a checkpoint written before these settings existed (no rank pruning) resumes at their defaults
+    plain = tmp_path / "plain.safetensors"
+    make_run(steps=12, checkpoint=plain, lora_final_r=None).run(stop_after=3)
+    with safe_open(str(plain), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["loraprune"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    for key in ("lora_final_r", "lora_alpha_mode", "rank_prune_every", "rank_prune_count"):
+        del metadata["settings"]["prune_config"][key]
+    save_file(tensors, str(plain), metadata={"loraprune": json.dumps(metadata)})
+    resumed = make_run(steps=12, checkpoint=plain, lora_final_r=None)
+    resumed.load_checkpoint()
+    assert resumed.step == 3 and resumed.pruner.rank is None
