@@ -4,13 +4,14 @@
 #   bash benchmarks/gpu_session.sh bench   # the quick benchmark suite
 #   bash benchmarks/gpu_session.sh vllm    # vLLM throughput, dense vs pruned (only where vLLM is installed)
 #   bash benchmarks/gpu_session.sh fastpaths  # masked LoRA linear fast paths vs old path vs cuBLAS only
+#   bash benchmarks/gpu_session.sh importance  # importance ops: packed int8/nf4 W vs bf16 vs row blocks; CUDA factor stagings
 # Prepare once on the development machine (the GPU machine has no network and no ../shared):
 #   mkdir -p .device/shared && cp -r ../shared/fixtures ../shared/data .device/shared/
 # and name .device in the call's carry. Output goes to $OUT (the device tool brings back at most
 # 8 files): one log per stage, plus the benchmark CSVs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_session.sh tests|bench|vllm|fastpaths}
+stage=${1:?usage: gpu_session.sh tests|bench|vllm|fastpaths|importance}
 out=${OUT:-$PWD/benchmarks/results}
 mkdir -p "$out"
 export LORAPRUNE_SHARED=${LORAPRUNE_SHARED:-$PWD/.device/shared} PYTHONUNBUFFERED=1
@@ -36,6 +37,9 @@ log="$out/$stage.log"
     fastpaths)  # also part of bench; alone when device time is short
         python3 -m pytest benchmarks/test_kernels.py --benchmark-only -q -p no:cacheprovider --quick \
             -k test_masked_lora_linear_fast_paths --results-dir "$out"
+        ;;
+    importance)  # needs bitsandbytes with its CUDA backend
+        python3 -m benchmarks.quantized_base importance --device cuda --results-dir "$out"
         ;;
     *) echo "unknown stage $stage" ;;
     esac

@@ -13,8 +13,16 @@ estimates for LLaMA-7B/13B/65B/70B are extrapolations (see :func:`estimate`).
 ``quality``: the same 50% LoRAPrune run on the tiny-llama fixture through the CLI with a float
 base (fp32, bf16) and a quantized one (int8, nf4), and the pruned models' WikiText-2 perplexity.
 
+``importance``: the importance ops on LLaMA-7B's up and down projections (r = 8, 64) with the
+base held packed (int8, nf4; :class:`loraprune.ops.QuantizedWeight`, dequantized in the kernels'
+load stage) against the bf16 base (the peer: ratio ``vs_dense``) and against the path the packed
+op replaced (bitsandbytes dequantizes a block of rows, the dense op scores it). On CUDA the
+``lora`` op also runs both factor stagings of the CUDA kernel (``double``, ``single``); on the CPU
+every provider is the PyTorch reference, so CPU rows time the reference, not a kernel.
+
     python -m benchmarks.quantized_base memory [--seq-len 256]
     python -m benchmarks.quantized_base quality [--steps 40]
+    python -m benchmarks.quantized_base importance [--device cuda] [--tokens 2048] [--quick]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import csv
 import ctypes
 import datetime as dt
+import functools
 import json
 import os
 import re
@@ -33,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, shared_dir
+from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, device_name, shared_dir, time_calls
 
 BASES = ("bf16", "int8", "nf4")
 RESULT_PREFIX = "RESULT "
@@ -186,6 +195,137 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# (out, in) of LLaMA-7B's MLP projections: up/gate (4096 -> 11008) and down (11008 -> 4096)
+IMPORTANCE_SHAPES = {"up": (11008, 4096), "down": (4096, 11008)}
+# Elements the replaced path dequantized at a time (QuantizedLoraPruneLinear's row blocks)
+ROW_BLOCK_ELEMENTS = 1 << 22
+
+
+def _bitsandbytes_rows(layer: torch.nn.Module, rows: slice) -> torch.Tensor:
+    """The replaced path's dequantization: bitsandbytes dequantizes rows ``rows`` (float32); 4-bit
+    rows must start on a block (``in_features`` a multiple of the block size, as here)."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = layer.weight
+    if type(layer).__name__ == "Linear8bitLt":
+        return bnb_functional.int8_vectorwise_dequant(weight.data[rows], weight.SCB[rows]).float()
+    state, size = weight.quant_state, layer.in_features
+    first, last = rows.start * size, rows.stop * size
+    block_state = bnb_functional.QuantState(
+        absmax=state.absmax[first // state.blocksize : last // state.blocksize],
+        shape=torch.Size([last - first]),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=torch.float32,
+    )
+    packed = weight.data.view(-1)[first // 2 : last // 2].view(-1, 1)
+    return bnb_functional.dequantize_4bit(packed, block_state).view(rows.stop - rows.start, size)
+
+
+def _row_block_path(op, layer: torch.nn.Module, x, grad_y, a, b, ga, gb):
+    """What QuantizedLoraPruneLinear did before the packed op: dense op per dequantized row block."""
+    from loraprune import ops
+
+    out_features, in_features = layer.out_features, layer.in_features
+    rows = torch.empty(out_features, dtype=torch.float32, device=a.device)
+    cols = torch.zeros(in_features, dtype=torch.float32, device=a.device)
+    step = max(1, ROW_BLOCK_ELEMENTS // in_features)
+    for start in range(0, out_features, step):
+        block = slice(start, min(start + step, out_features))
+        weight = _bitsandbytes_rows(layer, block)
+        if op == "lora":
+            block_sums = ops.lora_importance(weight, a, b[block], ga, gb[block], 2.0)
+        else:
+            block_sums = ops.taylor_importance(x, grad_y[:, block], weight, a, b[block], 2.0)
+        rows[block] = block_sums[0]
+        cols += block_sums[1]
+    return rows, cols
+
+
+def _importance_cases(dense, layers, packed, x, grad_y, factors) -> dict:
+    """(op, base, provider) -> the call to time, for one shape and rank."""
+    from loraprune import ops
+
+    a, b, ga, gb = factors
+    lora = functools.partial(ops.lora_importance, lora_a=a, lora_b=b, grad_a=ga, grad_b=gb, scaling=2.0)
+    taylor = functools.partial(ops.taylor_importance, x, grad_y, lora_a=a, lora_b=b, scaling=2.0)
+    cases = {
+        ("lora", "bf16", "dense"): functools.partial(lora, dense),
+        ("taylor", "bf16", "dense"): functools.partial(taylor, dense),
+    }
+    for kind, weight in packed.items():
+        cases[("lora", kind, "packed")] = functools.partial(lora, weight)
+        cases[("lora", kind, "row_blocks")] = functools.partial(
+            _row_block_path, "lora", layers[kind], x, grad_y, *factors
+        )
+        cases[("taylor", kind, "packed")] = functools.partial(taylor, weight)
+        cases[("taylor", kind, "row_blocks")] = functools.partial(
+            _row_block_path, "taylor", layers[kind], x, grad_y, *factors
+        )
+    device = x.device
+    if device.type == "cuda" and ops.backend_unavailable_reason("cuda", device) is None:
+        from loraprune.ops import cuda as cuda_ops
+
+        for staging in cuda_ops.FACTOR_STAGINGS:
+            for base, weight in (("bf16", dense), *packed.items()):
+                cases[("lora", base, f"cuda_{staging}")] = functools.partial(
+                    cuda_ops.lora_importance, weight, *factors, 2.0, staging=staging
+                )
+    return cases
+
+
+def run_importance(args: argparse.Namespace) -> list[dict]:
+    from loraprune import ops
+    from loraprune.quantization import quantize_linear
+
+    device = torch.device(args.device)
+    ranks = (8,) if args.quick else (8, 64)
+    shapes = dict(list(IMPORTANCE_SHAPES.items())[:1]) if args.quick else IMPORTANCE_SHAPES
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0, dtype=torch.float32):
+        return (torch.randn(shape, generator=generator) * scale).to(device, dtype)
+
+    rows = []
+    for shape_name, (out_features, in_features) in shapes.items():
+        dense = randn(out_features, in_features, scale=0.02, dtype=torch.bfloat16)
+        layers = {kind: quantize_linear(dense, kind) for kind in ("int8", "nf4")}
+        packed = {kind: ops.QuantizedWeight.from_bitsandbytes(layer) for kind, layer in layers.items()}
+        x = randn(args.tokens, in_features, dtype=torch.bfloat16)
+        grad_y = randn(args.tokens, out_features, scale=1e-3, dtype=torch.bfloat16)
+        for rank in ranks:
+            factors = (
+                randn(rank, in_features, scale=0.01),
+                randn(out_features, rank, scale=0.01),
+                randn(rank, in_features, scale=0.01),
+                randn(out_features, rank, scale=0.01),
+            )
+            seconds = {}
+            for key, call in _importance_cases(dense, layers, packed, x, grad_y, factors).items():
+                samples = time_calls(call, device, repetitions=args.repetitions, warmup=1)
+                seconds[key] = sorted(samples)[len(samples) // 2]
+            for (op, base, provider), median in seconds.items():
+                rows.append(
+                    {
+                        "device": device_name(device),
+                        "op": op,
+                        "shape": shape_name,
+                        "out": out_features,
+                        "in": in_features,
+                        "rank": rank,
+                        "tokens": args.tokens if op == "taylor" else "",
+                        "base": base,
+                        "provider": provider,
+                        "backend": "torch" if device.type == "cpu" else "auto",
+                        "median_ms": median * 1e3,
+                        "vs_dense": median / seconds[(op, "bf16", "dense")],
+                    }
+                )
+                print(f"{op} {shape_name} r={rank} {base} {provider}: {median * 1e3:.2f} ms", flush=True)
+    return rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = [{"date": date, "device": DEVICE, "torch": torch.__version__, **r} for r in rows]
@@ -199,12 +339,16 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=["memory", "quality", "_worker"])
+    parser.add_argument("study", choices=["memory", "quality", "importance", "_worker"])
     parser.add_argument("base", nargs="?")
     parser.add_argument("layers", nargs="?", type=int)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=2048, help="importance: tokens of X and dY (taylor)")
+    parser.add_argument("--repetitions", type=int, default=10, help="importance: timed calls per case")
+    parser.add_argument("--quick", action="store_true", help="importance: the up projection at r = 8 only")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.study == "_worker":
@@ -221,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(args.results_dir / "quantized_base_estimates.csv", estimates)
         for row in estimates:
             print(f"{row['model']} {row['base']}: {row['estimated_peak_bytes'] / GIB:.1f} GiB (extrapolated)")
+    elif args.study == "importance":
+        rows = run_importance(args)
+        write_csv(args.results_dir / "quantized_base_importance.csv", rows)
     else:
         rows = run_quality(args)
         write_csv(args.results_dir / "quantized_base_quality.csv", rows)

@@ -98,15 +98,37 @@ class QuantizedWeight:
 
     def dequantize_rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """Rows of ``W`` (a slice, or int64 indices) in float32; only those rows are read."""
-        in_features = self.shape[1]
+        out_features, in_features = self.shape
         if isinstance(rows, slice):
-            rows = torch.arange(*rows.indices(self.shape[0]), device=self.device)
+            start, stop, step = rows.indices(out_features)
+            if step == 1:
+                return self._dequantize_span(start, max(start, stop))
+            rows = torch.arange(start, stop, step, device=self.device)
         if self.kind == "int8":
             return self.data[rows] * self.scales[rows].view(-1, 1) * INT8_INVERSE_SCALE
         elements = rows.to(torch.int64)[:, None] * in_features + torch.arange(in_features, device=self.device)
         packed = self.data[elements // 2].to(torch.int32)
         nibbles = torch.where(elements % 2 == 0, packed >> 4, packed & 15)
         return self.code[nibbles] * self.scales[elements // self.blocksize]
+
+    def _dequantize_span(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop``: one contiguous run of elements, bytes and blocks."""
+        in_features = self.shape[1]
+        if self.kind == "int8":
+            return self.data[start:stop] * self.scales[start:stop].view(-1, 1) * INT8_INVERSE_SCALE
+        first, last = start * in_features, stop * in_features
+        if first == last:
+            return torch.empty((stop - start, in_features), dtype=torch.float32, device=self.device)
+        # The values of each byte's two nibbles (high first): one lookup per byte.
+        byte = torch.arange(256, device=self.device)
+        byte_values = torch.stack([self.code[byte >> 4], self.code[byte & 15]], dim=1)
+        first_byte = first // 2
+        values = byte_values[self.data[first_byte : (last + 1) // 2].long()].view(-1)
+        values = values[first - 2 * first_byte : last - 2 * first_byte]
+        first_block = first // self.blocksize
+        scales = self.scales[first_block : (last - 1) // self.blocksize + 1].repeat_interleave(self.blocksize)
+        offset = first - first_block * self.blocksize
+        return (values * scales[offset : offset + last - first]).view(stop - start, in_features)
 
     @classmethod
     def from_bitsandbytes(cls, module: torch.nn.Module) -> QuantizedWeight:
