@@ -322,9 +322,7 @@ def _load_rt_tile(rt_desc, q0, p0, RT_TRANSPOSED: tl.constexpr):
     """The (BLOCK_Q × BLOCK_P) tile of Rt at ``(q0, p0)`` through its TMA descriptor: a descriptor
     needs a unit last stride, so a transposed Rt (the forward's Wᵀ) is described as W and the tile
     transposed after the load."""
-    if RT_TRANSPOSED:
-        return tl.trans(rt_desc.load([p0, q0]))
-    return rt_desc.load([q0, p0])
+    return tl.trans(rt_desc.load([p0, q0])) if RT_TRANSPOSED else rt_desc.load([q0, p0])
 
 
 @triton.jit
@@ -406,8 +404,6 @@ def _gemm_tile(
         tl.static_assert(BLOCK_Q <= COMPACT_TAIL)
         q_len = tl.load(q_count_ptr).to(tl.int32)
     offs_q = tl.arange(0, BLOCK_Q)
-    # TMA loads Rt's tiles whole, so only where its columns are not gathered.
-    rt_tma = TMA and not (P_GATHER or Q_GATHER)
     if LORA_K_STEPS:
         # [L | H]·[Rt ; s·F]: the padded rank as extra BLOCK_Q-wide K steps after L's, in the same
         # loop, so that their loads pipeline with the main loop's; each step selects its operands'
@@ -467,7 +463,7 @@ def _gemm_tile(
                 )
             q_keep = tl.load(qmask_ptr + q_positions, mask=q_ok, other=0) != 0
             lhs = tl.where(q_keep[None, :], lhs, 0.0)
-            if rt_tma:
+            if TMA and not P_GATHER:  # Rt's tiles whole, where its columns are not gathered
                 rhs = _load_rt_tile(rt_desc, q0, pid_p * BLOCK_P, RT_TRANSPOSED)
             else:
                 rhs = tl.load(
@@ -495,7 +491,7 @@ def _gemm_tile(
                 ks = tl.load(q_order_ptr + q_positions, mask=q_ok, other=0)
                 rhs_ptrs = rt_ptr + ks[:, None] * stride_rq + cols[None, :] * stride_rp
                 rhs = tl.load(rhs_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
-            elif rt_tma:
+            elif TMA and not P_GATHER:
                 rhs = _load_rt_tile(rt_desc, q0, pid_p * BLOCK_P, RT_TRANSPOSED)
             else:
                 rhs = tl.load(rt_ptrs, mask=q_ok[:, None] & col_load[None, :], other=0.0)
