@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh tests   # build the extension, GPU tests, compute-sanitizer memcheck
 #   bash benchmarks/gpu_session.sh bench   # the quick benchmark suite
 #   bash benchmarks/gpu_session.sh vllm    # vLLM throughput, dense vs pruned (only where vLLM is installed)
-#   bash benchmarks/gpu_session.sh fastpaths  # masked LoRA linear fast paths vs old path vs cuBLAS only
+#   bash benchmarks/gpu_session.sh fastpaths [PATH...]  # masked LoRA linear fast paths vs old path vs cuBLAS only
 #   bash benchmarks/gpu_session.sh importance  # importance ops: packed int8/nf4 W vs bf16 vs row blocks; CUDA factor stagings
 # Prepare once on the development machine (the GPU machine has no network and no ../shared):
 #   mkdir -p .device/shared && cp -r ../shared/fixtures ../shared/data .device/shared/
@@ -34,9 +34,16 @@ log="$out/$stage.log"
     vllm)
         python3 -m benchmarks.engine_vllm --shape llama7b --layers 8 --results-dir "$out"
         ;;
-    fastpaths)  # also part of bench; alone when device time is short
+    fastpaths)  # also part of bench; alone when device time is short. Names after the stage time
+        # those paths' cases only (`fastpaths lora_k_steps persistent tma`): every new autotune key
+        # compiles its configs, so split the paths over two calls if one would pass 10 minutes.
+        filter=test_masked_lora_linear_fast_paths
+        if [ $# -gt 1 ]; then
+            shift
+            filter="$filter and ($(echo "$*" | sed 's/ / or /g'))"
+        fi
         python3 -m pytest benchmarks/test_kernels.py --benchmark-only -q -p no:cacheprovider --quick \
-            -k test_masked_lora_linear_fast_paths --results-dir "$out"
+            -k "$filter" --results-dir "$out"
         ;;
     importance)  # needs bitsandbytes with its CUDA backend
         python3 -m benchmarks.quantized_base importance --device cuda --results-dir "$out"
