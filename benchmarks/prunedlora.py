@@ -6,7 +6,8 @@ only the LoRA rank and the rank schedule change:
 
 - ``r8``: ``--lora-r 8`` throughout; ``r64``: ``--lora-r 64`` throughout;
 - ``r64-to-8``: ``--lora-r 64 --lora-final-r 8`` (PrunedLoRA, default schedule and
-  ``--lora-alpha-mode rank``, so it starts as ``r64`` with the same scaling ``16/64``).
+  ``--lora-alpha-mode rank``, so it starts as ``r64`` with the same scaling ``16/64``);
+  ``r64-to-8-fixed``: the same with ``--lora-alpha-mode fixed`` (the scaling grows to ``16/8``).
 
 Rows (``benchmarks/results/prunedlora.csv``; ``shape`` names fixture, pair, budget and seed):
 perplexity on each evaluation set of the pair, the pruning process's peak resident memory
@@ -17,13 +18,28 @@ resumes); ``prunedlora.md`` is rebuilt from the CSV (mean ± sample std over the
 
     python -m benchmarks.prunedlora --steps 20 --batch-size 2 --seq-len 128 --prune-every 2 \\
         --eval-seq-len 128 --max-windows 32 --ratios 0.5,0.2 --seeds 0,1,2
+
+On the tiny fixtures the LoRA state is a few percent of the process, so ``--memory`` also measures
+what the rank itself costs, on a LLaMA-7B-width model of ``--memory-layers`` decoder layers (fp32, CPU
+or CUDA, each case in a fresh process): one training step (forward, backward, ``lora`` importance,
+rank scores, AdamW step) at rank 8, at rank 64, and at rank 8 after pruning from 64 (one step at 64
+creates the AdamW state, then ``prune_rank`` narrows it). Rows (``prunedlora_memory.csv``): the LoRA
+state (factors and AdamW moments; the gradients exist during the step only), the resident memory
+before the step and the step's peak (``VmHWM`` after ``clear_refs`` on the CPU,
+``max_memory_allocated`` on CUDA).
+
+    python -m benchmarks.prunedlora --memory [--memory-layers 2] [--memory-seq-len 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import re
 import statistics
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +52,10 @@ METHODS = {  # name: extra CLI flags (all --criterion lora)
     "r8": ("--lora-r", "8"),
     "r64": ("--lora-r", "64"),
     "r64-to-8": ("--lora-r", "64", "--lora-final-r", "8"),
+    "r64-to-8-fixed": ("--lora-r", "64", "--lora-final-r", "8", "--lora-alpha-mode", "fixed"),
 }
+MEMORY_CASES = {"r8": (8, None), "r64": (64, None), "r64-to-8": (64, 8)}  # name: (lora_r, lora_final_r)
+RESULT_PREFIX = "RESULT "
 MEMORY = "peak memory"
 MEMORY_AFTER_RANK = "peak memory after the last rank removal"
 STEP_TIME = "step time"
@@ -47,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.prunedlora", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--ratios", default="0.5,0.2")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default="r8,r64,r64-to-8", help=f"comma-separated subset of {list(METHODS)}"
+    )
     parser.add_argument("--fixtures", default=",".join(FIXTURES))
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--seeds", default="0,1,2")
@@ -64,11 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "benchmarks" / ".work" / "prunedlora")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed to one CLI command")
     parser.add_argument("--report-only", action="store_true", help="rebuild prunedlora.md from the CSV")
+    parser.add_argument("--memory", action="store_true", help="measure one step's memory per rank instead")
+    parser.add_argument("--memory-layers", type=int, default=2)
+    parser.add_argument("--memory-seq-len", type=int, default=256)
+    parser.add_argument("--memory-worker", choices=list(MEMORY_CASES), help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.memory_worker:
+        print(RESULT_PREFIX + json.dumps(memory_worker(args)), flush=True)
+        return 0
+    if args.memory:
+        return measure_memory(args)
     csv_path = args.results_dir / "prunedlora.csv"
     if not args.report_only:
         missing = [
@@ -162,6 +192,101 @@ def run_one(study: QualityRun, budget: Budget, method: str, ratio: float, provid
     record(
         study, budget, provider, STEP_TIME, report["wall_time_s"] / report["steps"], "s", "wall time / steps"
     )
+
+
+def measure_memory(args: argparse.Namespace) -> int:
+    """Each case of :data:`MEMORY_CASES` in a fresh process; rows to ``prunedlora_memory.csv``."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    recorder = Recorder(args.results_dir, "prunedlora_memory", device)
+    shape = f"LLaMA-7B width, {args.memory_layers} layers, 1x{args.memory_seq_len} tokens"
+    for case in MEMORY_CASES:
+        command = [sys.executable, "-m", "benchmarks.prunedlora", "--memory-worker", case]
+        command += ["--memory-layers", str(args.memory_layers), "--memory-seq-len", str(args.memory_seq_len)]
+        command += ["--device", device.type]
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=args.timeout)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if not lines:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            recorder.record(Result("step", case, shape, "float32", status="error", note=tail[:400]))
+            continue
+        result = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+        note = f"{result['memory_kind']}; rank {result['rank']}"
+        for benchmark, key, unit, scale in [
+            ("LoRA state (factors + AdamW moments)", "lora_state_bytes", "MiB", 2**20),
+            ("resident before the step", "resident_bytes", "GiB", GIB),
+            ("peak of the step", "peak_bytes", "GiB", GIB),
+            ("step memory (peak - resident)", "step_bytes", "GiB", GIB),
+        ]:
+            value = result[key] / scale
+            recorder.record(
+                Result(benchmark, case, shape, "float32", value=value, unit=unit, reference="r8", note=note)
+            )
+            print(f"{case:10s} {benchmark:40s} {value:10.3f} {unit}")
+    return 0
+
+
+def memory_worker(args: argparse.Namespace) -> dict:
+    """One case: build, one step at the starting rank, prune the rank if the case does, measure a step."""
+    from benchmarks.models import llama7b_config, random_llama
+    from loraprune import LoraPruneConfig, LoraPruner
+
+    device = torch.device(args.device or "cpu")
+    lora_r, final_r = MEMORY_CASES[args.memory_worker]
+    model = random_llama(llama7b_config(args.memory_layers), device, torch.float32)
+    config = LoraPruneConfig(
+        ratio=0.5,
+        layers=tuple(range(args.memory_layers)),
+        criterion="lora",
+        lora_r=lora_r,
+        lora_final_r=final_r,
+    )
+    pruner = LoraPruner(model, config)
+    optimizer = torch.optim.AdamW(pruner.trainable_parameters(), lr=1e-4)
+    tokens = torch.randint(0, model.config.vocab_size, (1, args.memory_seq_len), device=device)
+    pruner.model.train()
+
+    def step() -> None:
+        pruner.model(input_ids=tokens, labels=tokens).loss.backward()
+        pruner.update_scores()
+        if pruner.rank is not None:
+            pruner.update_rank_scores()
+        optimizer.step()
+        pruner.model.zero_grad(set_to_none=True)
+
+    step()  # the AdamW state exists from here on
+    if pruner.rank is not None:
+        pruner.prune_rank(None, optimizer)
+    gc.collect()
+    params = pruner.trainable_parameters()
+    lora_state = sum(p.nbytes for p in params) + sum(
+        t.nbytes for p in params for t in optimizer.state[p].values() if torch.is_tensor(t) and t.ndim
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        resident = _proc_status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+        step()
+        peak, kind = _proc_status_bytes("VmHWM"), "cpu VmHWM after clear_refs"
+    rank = sorted({p.shape[0] for p in params[::2]})
+    return {
+        "lora_state_bytes": lora_state,
+        "resident_bytes": resident,
+        "peak_bytes": peak,
+        "step_bytes": peak - resident,
+        "memory_kind": kind,
+        "rank": rank,
+    }
+
+
+def _proc_status_bytes(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
 
 
 def record(

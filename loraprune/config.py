@@ -128,8 +128,12 @@ class LoraPruneConfig:
                 "only shrinks"
             )
         if self.lora_final_r is None:
-            for name in ("rank_prune_every", "rank_prune_count"):
-                if getattr(self, name) is not None:
+            for name, unset in (
+                ("rank_prune_every", None),
+                ("rank_prune_count", None),
+                ("lora_alpha_mode", "rank"),
+            ):
+                if getattr(self, name) != unset:
                     raise ValueError(f"{name} needs lora_final_r (the rank to prune the adapters to)")
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")

@@ -371,6 +371,7 @@ CLI_RUN = ["--ratio", "0.5", "--steps", "6", "--prune-every", "2", "--seq-len", 
         (["--lora-final-r", "-2"], "--lora-final-r"),
         (["--lora-final-r", "4", "--lora-alpha-mode", "linear"], "--lora-alpha-mode"),
         (["--rank-prune-every", "3"], "--rank-prune-every"),
+        (["--lora-alpha-mode", "fixed"], "--lora-alpha-mode"),
         (["--lora-final-r", "4", "--rank-prune-count", "0"], "--rank-prune-count"),
     ],
 )
