@@ -92,6 +92,8 @@ def _block_config(block_r: int, arch: int) -> tuple[int, int, int, int]:
     11 KB per thread in local memory, hence shorter row blocks there. ``python
     tests/triton_compile_only.py --arch 80|90`` reports no spills up to rank 64 on either; rank 128
     still spills on sm_90 (0.8 KB; the spill-free alternatives re-read the A side more, unmeasured).
+    A quantized ``W`` (2026-12-02, int8/nf4, ranks 8 and 64): no spills on 16-aligned shapes, and on
+    odd shapes spills of the order of the dense weight's (16-352 B per thread).
     """
     if block_r > TRITON_MAX_RANK:
         raise ValueError(

@@ -3,6 +3,8 @@ the ops read and bitsandbytes' own dequantization of it (the reference)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -35,3 +37,11 @@ def bitsandbytes_weight(
         layer = layer.to(device)
         dense = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     return QuantizedWeight.from_bitsandbytes(layer), dense.float().reshape(out_features, in_features)
+
+
+def moved(weight: QuantizedWeight, device) -> QuantizedWeight:
+    """``weight`` with its tensors on ``device``."""
+    code = None if weight.code is None else weight.code.to(device)
+    return dataclasses.replace(
+        weight, data=weight.data.to(device), scales=weight.scales.to(device), code=code
+    )

@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 from conftest import requires_cuda
-from quantized_weights import QUANTIZED_KINDS, bitsandbytes_weight
+from quantized_weights import QUANTIZED_KINDS, bitsandbytes_weight, moved
 
 from loraprune import ops
 from loraprune.ops import BackendUnavailableError
@@ -808,12 +808,16 @@ def test_compact_linear_beyond_int32_elements(monkeypatch):
 @pytest.mark.parametrize("kind", QUANTIZED_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_taylor_importance_of_a_quantized_weight(dtype, kind, shape):
+    """Against the reference on the packed weight and on bitsandbytes' dequantization of it, within
+    the float32 summation-order slack of _check_taylor."""
     tokens, out_features, in_features, rank = shape
     x, grad_y, _, *factors = _taylor_inputs(tokens, out_features, in_features, rank, dtype, "cuda", seed=rank)
     weight, dequantized = bitsandbytes_weight(kind, out_features, in_features, seed=rank, device="cuda")
+    cpu = [None if t is None else t.cpu() for t in (x, grad_y, *factors)]
     for squared in (False, True):
-        rows, cols = _check_taylor([x, grad_y, weight, *factors], 1.5, squared, f"{dtype} {kind} {shape}")
-        cpu = [None if t is None else t.cpu() for t in (x, grad_y, dequantized, *factors)]
-        for got, want in zip((rows, cols), taylor_importance_reference(*cpu, 1.5, squared), strict=True):
-            floor = torch.full_like(want, 1e-6 * want.abs().max().item(), dtype=torch.float64)
-            _assert_within(got, want, floor, f"{dtype} {kind} {shape} against bitsandbytes", 1e-4)
+        got = ops.taylor_importance(x, grad_y, weight, *factors, 1.5, squared=squared, backend="cuda")
+        for reference_weight in (moved(weight, "cpu"), dequantized.cpu()):
+            expected = taylor_importance_reference(*cpu[:2], reference_weight, *cpu[2:], 1.5, squared)
+            for sums, want, name in zip(got, expected, ("row", "column"), strict=True):
+                floor = torch.full_like(want, 1e-6 * want.abs().max().item(), dtype=torch.float64)
+                _assert_within(sums, want, floor, f"{dtype} {kind} {shape} {name} sums", 1e-4)
