@@ -88,6 +88,7 @@ the autocast cast, the seed draw and the leading-shape flattening.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from typing import NamedTuple
 
@@ -950,6 +951,7 @@ def _ensure_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+@functools.cache
 def _persistent_programs(device: torch.device) -> int:
     """Programs of the persistent schedule: one per SM; three in the interpreter, so that each
     program runs several tiles."""
