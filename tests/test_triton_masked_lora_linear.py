@@ -425,7 +425,7 @@ def test_every_output_element_is_written(monkeypatch, dtype, mask_kind, paths):
     assert not actual[0][:, ~out_mask].any() and not actual[3][~out_mask].any()
 
 
-@pytest.mark.parametrize("paths", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("paths", KEY_PATHS.values(), ids=KEY_PATHS.keys())
 @pytest.mark.parametrize("tokens", [17, 5], ids=["prefill", "decode"])
 def test_non_contiguous_inputs(tokens, paths):
     in_features, out_features, rank = 40, 36, 5
