@@ -152,6 +152,33 @@ def test_factor_staging_is_chosen_by_its_variable(monkeypatch):
         cuda_ops.factor_staging()
 
 
+def test_wrappers_hand_the_binding_a_quantized_weight_packed(monkeypatch):
+    """The packed codes, scales, code and format reach the binding in place (a fake extension
+    records the call; CPU tensors stand in for CUDA ones)."""
+    calls = {}
+    fake = types.ModuleType("loraprune._C")
+    fake.lora_importance = lambda **kwargs: calls.__setitem__("lora", kwargs)
+    fake.taylor_importance = lambda **kwargs: calls.__setitem__("taylor", kwargs)
+    fake.lora_importance_workspace_floats = fake.taylor_importance_workspace_floats = lambda out, inp: 1
+    monkeypatch.setitem(sys.modules, "loraprune._C", fake)
+    monkeypatch.setattr(cuda_ops, "_common_cuda_device", lambda op, tensors: torch.device("cpu"))
+    monkeypatch.setattr(cuda_ops, "_current_stream", lambda device: 0)
+    monkeypatch.delenv(cuda_ops.FACTOR_STAGING_ENV, raising=False)
+    for kind, format_code in (("int8", cuda_ops.WEIGHT_INT8), ("nf4", cuda_ops.WEIGHT_FOUR_BIT)):
+        weight, _ = bitsandbytes_weight(kind, 8, 64, seed=0)
+        _, a, b, ga, gb = _importance_inputs(8, 64, 3, torch.float32, torch.float32, "cpu")
+        for staging, double_buffer in (("single", False), (None, True)):
+            cuda_ops.lora_importance(weight, a, b, ga, gb, 1.0, False, staging=staging)
+            assert calls["lora"]["double_buffer"] is double_buffer
+        cuda_ops.taylor_importance(torch.randn(5, 64), torch.randn(5, 8), weight, a, b, 1.0, False)
+        for call in (calls["lora"], calls["taylor"]):
+            assert call["weight"] == weight.data.data_ptr() and call["weight_format"] == format_code
+            assert call["weight_scales"] == weight.scales.data_ptr()
+            assert call.get("weight_row_stride") == 64
+            if kind == "nf4":
+                assert call["weight_code"] == weight.code.data_ptr() and call["weight_blocksize"] == 64
+
+
 def test_importing_the_wrappers_needs_no_extension(monkeypatch):
     monkeypatch.setitem(sys.modules, "loraprune._C", None)  # makes `import loraprune._C` fail
     monkeypatch.delitem(sys.modules, "loraprune.ops.cuda")
