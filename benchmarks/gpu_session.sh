@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh vllm    # vLLM throughput, dense vs pruned (only where vLLM is installed)
 #   bash benchmarks/gpu_session.sh fastpaths [PATH...]  # masked LoRA linear fast paths vs old path vs cuBLAS only
 #   bash benchmarks/gpu_session.sh importance  # importance ops: packed int8/nf4 W vs bf16 vs row blocks; CUDA factor stagings
+#                                              (quantized_base.csv, and kernels.csv: lora_importance_packed, cuda vs cuda_single)
 # Prepare once on the development machine (the GPU machine has no network and no ../shared):
 #   mkdir -p .device/shared && cp -r ../shared/fixtures ../shared/data .device/shared/
 # and name .device in the call's carry. Output goes to $OUT (the device tool brings back at most
@@ -47,6 +48,9 @@ log="$out/$stage.log"
         ;;
     importance)  # needs bitsandbytes with its CUDA backend
         python3 -m benchmarks.quantized_base importance --device cuda --results-dir "$out"
+        # kernels.csv: packed W vs bf16 per backend (lora_importance_packed), both CUDA stagings
+        python3 -m pytest benchmarks/test_kernels.py --benchmark-only -q -p no:cacheprovider --quick \
+            -k "test_lora_importance_packed or (test_lora_importance and cuda)" --results-dir "$out"
         ;;
     *) echo "unknown stage $stage" ;;
     esac

@@ -6,7 +6,13 @@ model keeps them (``LoraPruneLinear`` and PEFT both hold adapters in float32).
 
 - ``lora_importance``: row and column sums of the LoRA-guided importance of one weight. Providers:
   ``naive`` (the official LoRAPrune code: full-size estimated gradient and element importance),
-  ``compiled`` (``torch.compile`` of it), ``triton`` and ``cuda`` (loraprune's kernels).
+  ``compiled`` (``torch.compile`` of it), ``triton`` and ``cuda`` (loraprune's kernels; ``cuda`` in
+  the default factor staging, ``double``) and ``cuda_single`` (the CUDA kernel's single-buffered
+  factor staging, ``loraprune.ops.cuda.lora_importance(..., staging="single")``).
+- ``lora_importance_packed``: the same for one weight held packed as bitsandbytes holds it (int8,
+  nf4; ``loraprune.ops.QuantizedWeight``, dequantized in the kernels' load stage) against the bf16
+  dense weight. Providers ``<backend>-<base>`` (``triton-int8``, ``cuda-nf4``, ...), each against
+  ``<backend>-bf16``; the packed bases need bitsandbytes (on the GPU: with its CUDA backend).
 - ``lora_importance_layer``: the same for the seven linears of one LLaMA-7B layer, plus the
   peak temporary memory (``lora_importance_layer_memory``).
 - ``masked_lora_linear_fwd`` / ``_fwd_bwd``: the masked LoRA linear, 0 % or 50 % of the output
@@ -51,6 +57,7 @@ from benchmarks.harness import (
 )
 from loraprune import ops
 from loraprune.ops import backend_unavailable_reason
+from loraprune.quantization import NF4_BLOCKSIZE
 
 # the op modules (their implementation tables and references): loraprune.ops re-exports the op
 # functions under the modules' names, so they are fetched by module path
@@ -76,7 +83,12 @@ LLAMA7B_LAYER = {
 }
 LLAMA7B_SHAPES = {"qkvo": (4096, 4096), "gate_up": (4096, 11008), "down": (11008, 4096)}
 
-IMPORTANCE_PROVIDERS = ("naive", "compiled", "triton", "cuda")
+IMPORTANCE_PROVIDERS = ("naive", "compiled", "triton", "cuda", "cuda_single")
+# the weight bases of lora_importance_packed: the dense peer first (rows take ratios against it)
+PACKED_BASES = ("bf16", "int8", "nf4")
+PACKED_PROVIDERS = tuple(f"{backend}-{base}" for backend in ("triton", "cuda") for base in PACKED_BASES)
+PACKED_DENSE_DTYPE = torch.bfloat16
+PACKED_DTYPE_LABEL = "W bfloat16 or packed int8/nf4 (LoRA float32)"
 LINEAR_PROVIDERS = ("peft", "dense", "compiled", "triton", "cuda")
 TAYLOR_PROVIDERS = ("materialised", "dense", "torch", "triton", "cuda")
 IMPORTANCE_REFERENCE = "naive"
@@ -143,6 +155,30 @@ class ImportanceCase:
             total_bytes += (in_features + out_features) * 4
             total_flops += 3 * 2 * self.rank * out_features * in_features
         return total_bytes, total_flops
+
+
+@dataclass(frozen=True)
+class PackedImportanceCase(ImportanceCase):
+    """One weight's importance with ``W`` bf16 or packed; the provider names the base."""
+
+    benchmark = "lora_importance_packed"
+
+    def bytes_and_flops(self, base: str = "bf16") -> tuple[float, float]:
+        """As :meth:`ImportanceCase.bytes_and_flops`, with ``W`` read as ``base`` stores it (int8: one
+        byte an element and a float32 scale a row; nf4: half a byte and a float32 scale a block)."""
+        (in_features, out_features), r = self.linears[0], self.rank
+        if base == "int8":
+            weight_bytes = out_features * in_features + 4 * out_features
+        elif base == "nf4":
+            weight_bytes = out_features * in_features / 2 + 4 * math.ceil(
+                out_features * in_features / NF4_BLOCKSIZE
+            )
+        else:
+            weight_bytes = out_features * in_features * PACKED_DENSE_DTYPE.itemsize
+        factor_bytes = 2 * r * (in_features + out_features) * LORA_DTYPE.itemsize
+        return weight_bytes + factor_bytes + (in_features + out_features) * 4, (
+            3 * 2 * r * out_features * in_features
+        )
 
 
 @dataclass(frozen=True)
@@ -235,6 +271,14 @@ def importance_cases(grid: Grid) -> list[ImportanceCase]:
     ]
     layer = tuple(LLAMA7B_LAYER.values())
     return cases + [ImportanceCase("llama-7b layer", layer, rank) for rank in grid.layer_ranks]
+
+
+def packed_importance_cases(grid: Grid) -> list[PackedImportanceCase]:
+    return [
+        PackedImportanceCase(name, ((in_features, out_features),), rank)
+        for rank in grid.importance_ranks
+        for name, (in_features, out_features) in LLAMA7B_SHAPES.items()
+    ]
 
 
 def linear_cases(grid: Grid) -> list[LinearCase]:
@@ -398,6 +442,27 @@ def importance_inputs(
     return inputs
 
 
+def packed_importance_inputs(
+    case: PackedImportanceCase, device: torch.device, seed: int, base: str
+) -> tuple[torch.Tensor | ops.QuantizedWeight, ...]:
+    """(W, A, B, gA, gB) with ``W`` random bf16, or that weight quantized by bitsandbytes as
+    ``LoraPruneConfig(quantize_base=base)`` holds it and read packed in place."""
+    g = torch.Generator(device).manual_seed(seed)
+    (in_features, out_features), r = case.linears[0], case.rank
+    weight = _randn((out_features, in_features), 0.02, PACKED_DENSE_DTYPE, device, g)
+    if base != "bf16":
+        from loraprune.quantization import quantize_linear
+
+        weight = ops.QuantizedWeight.from_bitsandbytes(quantize_linear(weight, base))
+    return (
+        weight,
+        _randn((r, in_features), 1 / math.sqrt(in_features), LORA_DTYPE, device, g),
+        _randn((out_features, r), 0.01, LORA_DTYPE, device, g),
+        _randn((r, in_features), 1e-3, LORA_DTYPE, device, g),
+        _randn((out_features, r), 1e-3, LORA_DTYPE, device, g),
+    )
+
+
 def taylor_inputs(case: TaylorCase, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
     """(X, dY, W, A, B): activations and weight in WEIGHT_DTYPE, factors in LORA_DTYPE, random."""
     g = torch.Generator(device).manual_seed(seed)
@@ -438,10 +503,12 @@ def linear_inputs(case: LinearCase, device: torch.device, seed: int) -> LinearIn
     return LinearInputs(x, weight, lora_a, lora_b, out_mask, grad_y)
 
 
-def input_bytes(inputs: torch.Tensor | LinearInputs | Sequence) -> int:
+def input_bytes(inputs: torch.Tensor | ops.QuantizedWeight | LinearInputs | Sequence) -> int:
     """Bytes of the tensors of one input set."""
     if isinstance(inputs, torch.Tensor):
         return inputs.numel() * inputs.element_size()
+    if isinstance(inputs, ops.QuantizedWeight):
+        inputs = (inputs.data, inputs.scales, inputs.code)
     if isinstance(inputs, LinearInputs):
         inputs = [getattr(inputs, f.name) for f in dataclasses.fields(inputs)]
     return sum(input_bytes(t) for t in inputs if t is not None)
@@ -515,16 +582,32 @@ def _op_unavailable_reason(module: object, backend: str, device: torch.device) -
     return None
 
 
+def provider_backend(provider: str) -> str | None:
+    """The loraprune backend a provider runs (``triton-old``, ``triton-int8``: triton; ``cuda_single``,
+    ``cuda-nf4``: cuda), ``None`` for the other providers."""
+    backend = provider.partition("-")[0].partition("_")[0]
+    return backend if backend in ("triton", "cuda") else None
+
+
 def unavailable_reason(kind: str, provider: str, device: torch.device) -> str | None:
-    """Why ``provider`` cannot run for cases of ``kind`` (``importance``, ``linear`` or ``taylor``) on ``device``."""
+    """Why ``provider`` cannot run for cases of ``kind`` (``importance``, ``packed``, ``linear``,
+    ``fast_path`` or ``taylor``) on ``device``."""
     module = {
         "importance": lora_importance_module,
+        "packed": lora_importance_module,
         "linear": masked_lora_linear_module,
         "fast_path": masked_lora_linear_module,
         "taylor": taylor_importance_module,
     }[kind]
-    if provider.startswith("triton") or provider == "cuda":  # triton-old, triton-path: FAST_PATH_PROVIDERS
-        return _op_unavailable_reason(module, provider.partition("-")[0], device)
+    backend = provider_backend(provider)
+    reason = _op_unavailable_reason(module, backend, device) if backend else None
+    if reason is None and kind == "packed" and not provider.endswith("-bf16"):
+        try:
+            importlib.import_module("bitsandbytes")
+        except ImportError as exc:
+            reason = f"a packed weight needs bitsandbytes: {exc}"
+    if reason or backend:
+        return reason
     if provider == "compiled" and device.type != "cuda":
         return "torch.compile is timed on the GPU only"
     return None
@@ -546,6 +629,10 @@ def importance_provider(
         fn = compile_fn(naive_importance)
     elif provider in ("triton", "cuda"):
         fn = functools.partial(ops.lora_importance, backend=provider)
+    elif provider == "cuda_single":
+        fn = functools.partial(
+            importlib.import_module("loraprune.ops.cuda").lora_importance, staging="single"
+        )
     else:
         raise ValueError(f"unknown importance provider {provider!r}")
     return lambda tensors: fn(*tensors, SCALING)
@@ -641,6 +728,7 @@ def run_case(
     device = recorder.device
     kind, reference = {
         ImportanceCase: ("importance", IMPORTANCE_REFERENCE),
+        PackedImportanceCase: ("packed", f"{provider_backend(provider)}-{PACKED_BASES[0]}"),
         LinearCase: ("linear", LINEAR_REFERENCE),
         FastPathCase: ("fast_path", FAST_PATH_REFERENCE),
         TaylorCase: ("taylor", TAYLOR_REFERENCE),
@@ -649,7 +737,7 @@ def run_case(
         "benchmark": case.benchmark,
         "provider": provider,
         "shape": case.shape,
-        "dtype": DTYPE_LABEL,
+        "dtype": PACKED_DTYPE_LABEL if kind == "packed" else DTYPE_LABEL,
         "reference": reference,
     }
     reason = unavailable_reason(kind, provider, device)
@@ -684,6 +772,17 @@ def _measure(
 
         def expected(inputs):
             return fast_path_reference(inputs, case, provider)
+
+    elif isinstance(case, PackedImportanceCase):
+        backend, _, weight_base = provider.partition("-")
+        fn = functools.partial(ops.lora_importance, backend=backend)
+        make_inputs = functools.partial(packed_importance_inputs, base=weight_base)
+
+        def run(tensors):
+            return fn(*tensors, SCALING)
+
+        def expected(tensors):
+            return lora_importance_module.lora_importance_reference(*tensors, SCALING)
 
     elif isinstance(case, ImportanceCase):
         fn = importance_provider(provider)
@@ -724,8 +823,12 @@ def _measure(
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=iterations)
     if benchmark.stats is None:
         return recorder.record(Result(**base, status="skipped", note="pytest-benchmark is disabled"))
-    nbytes, flops = case.bytes_and_flops()
-    floor, basis = recorder.floor(nbytes, flops, WEIGHT_DTYPE)
+    if isinstance(case, PackedImportanceCase):  # the bytes of the base the provider reads
+        nbytes, flops = case.bytes_and_flops(provider.partition("-")[2])
+        floor, basis = recorder.floor(nbytes, flops, PACKED_DENSE_DTYPE)
+    else:
+        nbytes, flops = case.bytes_and_flops()
+        floor, basis = recorder.floor(nbytes, flops, WEIGHT_DTYPE)
     row = recorder.record(
         Result(
             **base,

@@ -16,16 +16,19 @@ from benchmarks.kernel_cases import (
     FULL,
     IMPORTANCE_PROVIDERS,
     LINEAR_PROVIDERS,
+    PACKED_PROVIDERS,
     QUICK,
     TAYLOR_PROVIDERS,
     FastPathCase,
     Grid,
     ImportanceCase,
     LinearCase,
+    PackedImportanceCase,
     TaylorCase,
     fast_path_cases,
     importance_cases,
     linear_cases,
+    packed_importance_cases,
     run_case,
     taylor_cases,
 )
@@ -53,6 +56,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     grid = _grid(metafunc.config)
     if metafunc.function is test_lora_importance:
         pairs = [(c, p) for c in importance_cases(grid) for p in IMPORTANCE_PROVIDERS]
+    elif metafunc.function is test_lora_importance_packed:
+        pairs = [(c, p) for c in packed_importance_cases(grid) for p in PACKED_PROVIDERS]
     elif metafunc.function is test_taylor_importance:
         pairs = [(c, p) for c in taylor_cases(grid) for p in TAYLOR_PROVIDERS]
     elif metafunc.function is test_masked_lora_linear_fast_paths:
@@ -71,6 +76,12 @@ def _check(row: dict[str, str]) -> None:
 
 def test_lora_importance(
     benchmark, kernel_recorder: Recorder, case: ImportanceCase, provider: str, rounds: int
+):
+    _check(run_case(benchmark, kernel_recorder, case, provider, rounds))
+
+
+def test_lora_importance_packed(
+    benchmark, kernel_recorder: Recorder, case: PackedImportanceCase, provider: str, rounds: int
 ):
     _check(run_case(benchmark, kernel_recorder, case, provider, rounds))
 
