@@ -7,7 +7,7 @@ each launch, every autotuning config included, instead of running it. For each k
 the shared memory, registers and stack (spills) it needs, and it exits 1 when a kernel does not
 compile or needs more than the target's per-block shared memory.
 
-    python tests/triton_compile_only.py [--arch 90] [--quick]
+    python tests/triton_compile_only.py [--arch 90] [--quick] [--packed-only]
 
 Must run in a fresh interpreter without TRITON_INTERPRET (the test suite starts it as a subprocess).
 """
@@ -83,12 +83,63 @@ def resource_usage(kernel) -> dict[str, int]:
 
 
 def meta_parameters(kernel) -> str:
-    """The block sizes the kernel was compiled with and the variant flags that are on."""
+    """The block sizes the kernel was compiled with, the variant flags that are on and, for the
+    importance kernels, how W is stored (int8, 4-bit; dense unnamed)."""
+    from loraprune.kernels._utils import FOUR_BIT, INT8
+
     names = kernel.src.fn.arg_names
     constants = {names[path[0]]: value for path, value in kernel.src.constants.items() if len(path) == 1}
     blocks = [f"{name}={value}" for name, value in constants.items() if name.startswith("BLOCK")]
     flags = [name for name, value in constants.items() if name.isupper() and value is True]
-    return " ".join(blocks + flags)
+    weight = {INT8: ["W=int8"], FOUR_BIT: ["W=4bit"]}.get(constants.get("WEIGHT_FORMAT"), [])
+    return " ".join(blocks + flags + weight)
+
+
+def packed_weights(out_features: int, in_features: int, gen: torch.Generator) -> list:
+    """``W`` as an int8 and as an NF4 :class:`~loraprune.ops.QuantizedWeight` (bitsandbytes' layouts,
+    blocks of 64; random codes: only the launch's specialisation matters here)."""
+    from loraprune.ops import QuantizedWeight
+
+    shape = (out_features, in_features)
+    elements = out_features * in_features
+    int8 = QuantizedWeight(
+        "int8",
+        torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8),
+        torch.rand(out_features, generator=gen),
+        shape,
+    )
+    nf4 = QuantizedWeight(
+        "nf4",
+        torch.randint(0, 256, ((elements + 1) // 2,), generator=gen, dtype=torch.uint8),
+        torch.rand(-(-elements // 64), generator=gen),
+        shape,
+        code=torch.linspace(-1.0, 1.0, 16),
+        blocksize=64,
+    )
+    return [int8, nf4]
+
+
+def drive_packed_importance(
+    dtypes: list[torch.dtype], ranks: list[int], shapes: list[tuple[int, int, int]]
+) -> None:
+    """Both importance launchers with ``W`` packed (int8, NF4): the load stage dequantizes, so each
+    format is its own variant; Taylor also per activation dtype and without LoRA."""
+    from loraprune.kernels import lora_importance, taylor_importance
+
+    gen = torch.Generator().manual_seed(1)
+    for (rows, out_features, in_features), rank in itertools.product(shapes, ranks):
+        factors = [
+            torch.randn(rank, in_features, generator=gen),
+            torch.randn(out_features, rank, generator=gen),
+        ]
+        for weight in packed_weights(out_features, in_features, gen):
+            lora_importance.lora_importance(weight, *factors, *factors, 2.0, False)
+            for dtype in dtypes:
+                x = torch.randn(rows, in_features, generator=gen).to(dtype)
+                grad_y = torch.randn(rows, out_features, generator=gen).to(dtype)
+                taylor_importance.taylor_importance(x, grad_y, weight, *factors, 2.0, False)
+                if rank == ranks[0]:
+                    taylor_importance.taylor_importance(x, grad_y, weight, None, None, 0.0, False)
 
 
 def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tuple[int, int, int]]) -> None:
@@ -143,6 +194,7 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
         parts = [torch.rand(num_units * width, generator=gen) for width in widths]
         counters = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
         score_update.score_update(torch.zeros(num_units), parts, 0.9, *counters)
+    drive_packed_importance(dtypes, ranks, shapes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED))
     parser.add_argument(
         "--quick", action="store_true", help="bfloat16, rank 64 (the largest tiles), aligned shapes only"
+    )
+    parser.add_argument(
+        "--packed-only",
+        action="store_true",
+        help="only the importance launchers with a packed (int8, NF4) weight",
     )
     args = parser.parse_args(argv)
 
@@ -159,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [torch.bfloat16] if args.quick else [torch.float16, torch.bfloat16, torch.float32]
     ranks = [64] if args.quick else [1, 8, 16, 32, 64, 128]
     shapes = [(64, 320, 256)] if args.quick else [(64, 320, 256), (37, 200, 136)]
-    drive_launchers(dtypes, ranks, shapes)
+    (drive_packed_importance if args.packed_only else drive_launchers)(dtypes, ranks, shapes)
 
     limit = MAX_SHARED[args.arch]
     failures = 0
