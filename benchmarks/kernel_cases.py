@@ -337,7 +337,8 @@ class FastPathCase(LinearCase):
 
 
 def fast_path_cases(grid: Grid) -> list[FastPathCase]:
-    """Decode at the grid's token counts up to 16 (1 on the quick grid), gate/up and down; then at
+    """Decode at the grid's token counts up to 16 (1 on the quick grid), gate/up and down, and the
+    split-K decode on the K-heavy down and o_proj (whose column tiles under-fill the SMs); then at
     M = 2048: the input-masked forward of o_proj, dropout in training, and the cached mask plan
     (fwd+bwd, 50 % of outputs masked, also at 16 tokens); the GEMM paths (lora_k_steps,
     persistent, tma) as GEMM_PATH_RUNS lists."""
@@ -347,6 +348,10 @@ def fast_path_cases(grid: Grid) -> list[FastPathCase]:
         for name in ("gate_up", "down")
         for tokens in decode_tokens
         for fraction in grid.masked_fractions
+    ] + [
+        FastPathCase(name, *LLAMA7B_SHAPES[shape], 8, tokens, 0.0, False, path="decode_split_k")
+        for name, shape in (("down", "down"), ("o_proj", "qkvo"))
+        for tokens in decode_tokens
     ]
     qkvo, gate_up = LLAMA7B_SHAPES["qkvo"], LLAMA7B_SHAPES["gate_up"]
     return [

@@ -72,7 +72,13 @@ replaces until a GPU run compares them): ``mask_cache`` (the caller's cached
 :class:`~loraprune.ops.masked_lora_linear.MaskPlan`: no permutation rebuilt per call),
 ``k_tiles`` (the input-masked forward's K loops visit the plan's kept K tiles only),
 ``dropout_bits`` (above), ``decode`` (M <= 16 without dropout: :func:`_decode_kernel`, one
-launch with the down-projection folded into the K loop), and three of the GEMM itself (forward
+launch with the down-projection folded into the K loop), ``decode_split_k`` (the same at M <= 16
+for K-heavy layers whose ``cdiv(out, BLOCK_P)`` programs under-fill the device, e.g. down_proj and
+o_proj: :func:`_decode_split_kernel` splits K into fp32 partials in a workspace, one program per
+split also summing H's, and :func:`_decode_reduce_kernel` adds them in split order with
+``s·H Bᵀ``, the bias and the output mask: deterministic, no atomics; the split count follows
+from the shapes and the device only, so the workspace keeps its shape and CUDA graphs capture
+it), and three of the GEMM itself (forward
 and dX, whose ``D W + s·(G A)`` has the same ``[D | G]·[W ; s·A]`` form; dA, dB, H and G are
 skinny reductions without a base term, so they have none): ``lora_k_steps`` (above; not for dX
 with dropout, whose keep-mask acts on the LoRA term alone), ``persistent`` (one program per SM
@@ -795,6 +801,171 @@ def _decode_kernel(
         )
 
 
+# decode_split_k: the split kernel's column block (fixed, so that the host knows its program count),
+# the fewest K features worth a split (fewer and the partials' traffic outweighs the parallelism)
+# and the most splits.
+DECODE_SPLIT_BLOCK_P = 32
+DECODE_SPLIT_MIN_K = 256
+DECODE_MAX_SPLITS = 16
+
+
+@triton.jit
+def _decode_x_tile(x_ptr, qmask_ptr, rows, row_ok, ks, k_ok, stride_xm, stride_xq, HAS_QMASK: tl.constexpr):
+    """X's tile ``X[rows][:, ks]`` with the input mask applied (zero outside the masks)."""
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xq,
+        mask=row_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )
+    if HAS_QMASK:
+        x = tl.where((tl.load(qmask_ptr + ks, mask=k_ok, other=0) != 0)[None, :], x, 0.0)
+    return x
+
+
+@triton.autotune(
+    configs=tuning_configs(
+        [
+            triton.Config({"BLOCK_Q": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_Q": 128}, num_warps=4, num_stages=5),
+            triton.Config({"BLOCK_Q": 64}, num_warps=4, num_stages=5),
+            triton.Config({"BLOCK_Q": 256}, num_warps=8, num_stages=3),
+        ],
+        triton.Config({"BLOCK_Q": 32}),
+    ),
+    key=["P", "Q", "R", "SPLITS", "HAS_QMASK", "P_GATHER", "DOT_PRECISION"],
+)
+@triton.jit
+def _decode_split_kernel(
+    x_ptr, w_ptr, a_ptr, qmask_ptr, p_order_ptr, p_count_ptr, part_ptr, h_part_ptr,
+    M, P, Q, R, SPLITS,
+    stride_xm, stride_xq, stride_wp, stride_wq, stride_ar, stride_aq,
+    HAS_QMASK: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    """Split-K partials of the decode forward, grid ``(cdiv(P, BLOCK_P) + 1, SPLITS)``: program
+    ``(j, s)`` multiplies the s-th K range of ``X⊙m_in`` by W's column tile j (kept-first with
+    ``P_GATHER``; a tile past the kept prefix loads and stores nothing) into ``part[s]`` (fp32,
+    SPLITS×M×P, by position in the tile order); the last program of each split computes H's
+    partial ``(X⊙m_in) Aᵀ`` over the same range into ``h_part[s]`` (fp32, SPLITS×M×BLOCK_R).
+    The K ranges are whole BLOCK_Q tiles; trailing ones may be empty (their partials are zero)."""
+    pid_p = tl.program_id(0)
+    split = tl.program_id(1)
+    k_per_split = tl.cdiv(tl.cdiv(Q, SPLITS), BLOCK_Q) * BLOCK_Q
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, Q)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    row_ok = offs_m < M
+    part_rows = split.to(tl.int64) * M + rows
+    offs_q = tl.arange(0, BLOCK_Q)
+    if pid_p == tl.num_programs(0) - 1:
+        offs_r = tl.arange(0, BLOCK_R)
+        rank_ok = offs_r < R
+        hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for q0 in range(k_start, k_end, BLOCK_Q):
+            ks = q0 + offs_q
+            k_ok = ks < Q
+            x = _decode_x_tile(x_ptr, qmask_ptr, rows, row_ok, ks, k_ok, stride_xm, stride_xq, HAS_QMASK)
+            a = tl.load(
+                a_ptr + ks[:, None] * stride_aq + offs_r[None, :] * stride_ar,
+                mask=k_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
+            hidden = tl.dot(x, a.to(x.dtype), hidden, input_precision=DOT_PRECISION)
+        tl.store(h_part_ptr + part_rows[:, None] * BLOCK_R + offs_r[None, :], hidden, mask=row_ok[:, None])
+    else:
+        positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        k_stop = k_end
+        if P_GATHER:
+            cols = tl.load(p_order_ptr + positions, mask=positions < P, other=0)
+            num_kept = tl.load(p_count_ptr).to(tl.int32)
+            col_load = positions < num_kept
+            k_stop = tl.where(pid_p * BLOCK_P < num_kept, k_end, k_start)
+        else:
+            cols = positions
+            col_load = positions < P
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        for q0 in range(k_start, k_stop, BLOCK_Q):
+            ks = q0 + offs_q
+            k_ok = ks < Q
+            x = _decode_x_tile(x_ptr, qmask_ptr, rows, row_ok, ks, k_ok, stride_xm, stride_xq, HAS_QMASK)
+            w = tl.load(
+                w_ptr + ks[:, None] * stride_wq + cols[None, :] * stride_wp,
+                mask=k_ok[:, None] & col_load[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        tl.store(
+            part_ptr + part_rows[:, None] * P + positions[None, :],
+            acc,
+            mask=row_ok[:, None] & col_load[None, :],
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_ptr, h_part_ptr, b_ptr, bias_ptr, p_order_ptr, p_count_ptr, out_ptr, h_ptr,
+    M, P, R, SPLITS, scaling,
+    stride_bp, stride_br, stride_om, stride_op, stride_hm, stride_hr,
+    HAS_BIAS: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Y from :func:`_decode_split_kernel`'s partials: each program sums H's partials and its
+    column tile's in split order (fixed: deterministic), then adds ``s·H Bᵀ``, the bias and the
+    output mask as :func:`_decode_kernel` does. Program 0 stores H for the backward."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    row_ok = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    rank_ok = offs_r < R
+    hidden = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        part_rows = split * M + rows
+        hidden += tl.load(
+            h_part_ptr + part_rows[:, None] * BLOCK_R + offs_r[None, :], mask=row_ok[:, None], other=0.0
+        )
+    # H rounds to the compute dtype before the up-projection, as in the two-launch path.
+    hidden = hidden.to(out_ptr.dtype.element_ty)
+    positions = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    col_ok = positions < P
+    if P_GATHER:
+        cols = tl.load(p_order_ptr + positions, mask=col_ok, other=0)
+        col_load = positions < tl.load(p_count_ptr).to(tl.int32)
+    else:
+        cols = positions
+        col_load = col_ok
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        part_rows = split * M + rows
+        acc += tl.load(
+            part_ptr + part_rows[:, None] * P + positions[None, :],
+            mask=row_ok[:, None] & col_load[None, :],
+            other=0.0,
+        )
+    b = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bp,
+        mask=rank_ok[:, None] & col_load[None, :],
+        other=0.0,
+    )
+    acc = tl.dot(hidden, (b.to(tl.float32) * scaling).to(hidden.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
+    if P_GATHER:
+        acc = tl.where(col_load[None, :], acc, 0.0)
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+    if pid == 0:
+        tl.store(
+            h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+            hidden,
+            mask=row_ok[:, None] & rank_ok[None, :],
+        )
+
+
 class KeptFirst(NamedTuple):
     """A keep-mask as a permutation of its axis: ``order`` (int64) lists the kept indices in
     ascending order, then the masked ones; ``count``, a 0-d int64 tensor on the same device, is the
@@ -1057,6 +1228,66 @@ def _decode(
     return y, hidden
 
 
+@functools.cache
+def _decode_split_programs(device: torch.device) -> int:
+    """Programs that fill the device at decode: two per SM; eight in the interpreter, so that the
+    tests' small layers split."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def decode_splits(out_features: int, in_features: int, device: torch.device) -> int:
+    """K splits of the split-K decode: enough for ``cdiv(out, DECODE_SPLIT_BLOCK_P)`` column tiles
+    to fill the device, each split at least DECODE_SPLIT_MIN_K features; 1: not worth splitting.
+    From the shapes and the device only, so a layer's workspace has one shape."""
+    column_tiles = triton.cdiv(out_features, DECODE_SPLIT_BLOCK_P)
+    if column_tiles == 0:
+        return 1
+    wanted = triton.cdiv(_decode_split_programs(device), column_tiles)
+    return max(1, min(wanted, in_features // DECODE_SPLIT_MIN_K, DECODE_MAX_SPLITS))
+
+
+def _decode_split_k(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    in_mask: torch.Tensor | None,
+    out_kept: KeptFirst | None,
+    splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward ``(Y, H)`` for at most :data:`DECODE_MAX_ROWS` tokens with K in ``splits``
+    ranges: two launches through an fp32 workspace of splits×M×(out + rank block)."""
+    num_rows, in_features = x.shape
+    out_features, rank = weight.shape[0], lora_a.shape[0]
+    block_r = padded_rank(rank)
+    y = torch.empty((num_rows, out_features), device=x.device, dtype=x.dtype)
+    hidden = torch.empty((num_rows, rank), device=x.device, dtype=x.dtype)
+    part = torch.empty((splits, num_rows, out_features), device=x.device, dtype=torch.float32)
+    h_part = torch.empty((splits, num_rows, block_r), device=x.device, dtype=torch.float32)
+    _, order, count = _axis_args(out_kept, x)
+    column_tiles = triton.cdiv(out_features, DECODE_SPLIT_BLOCK_P)
+    _decode_split_kernel[(column_tiles + 1, splits)](
+        x, weight, lora_a, x if in_mask is None else in_mask.view(torch.uint8), order, count, part, h_part,
+        num_rows, out_features, in_features, rank, splits,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        HAS_QMASK=in_mask is not None, P_GATHER=out_kept is not None, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=block_r, BLOCK_M=DECODE_MAX_ROWS, BLOCK_P=DECODE_SPLIT_BLOCK_P,
+    )  # fmt: skip
+    reduce_block = 64
+    _decode_reduce_kernel[(triton.cdiv(out_features, reduce_block),)](
+        part, h_part, lora_b, x if bias is None else bias, order, count, y, hidden,
+        num_rows, out_features, rank, splits, scaling,
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), hidden.stride(0), hidden.stride(1),
+        HAS_BIAS=bias is not None, P_GATHER=out_kept is not None, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=block_r, BLOCK_M=DECODE_MAX_ROWS, BLOCK_P=reduce_block, num_warps=4,
+    )  # fmt: skip
+    return y, hidden
+
+
 def _contiguous(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels read masks as contiguous bytes: a strided or expanded mask is copied."""
     return None if mask is None else mask.contiguous()
@@ -1104,6 +1335,7 @@ def masked_lora_linear_op(
     lora_k_steps: bool = False,
     persistent: bool = False,
     tma: bool = False,
+    decode_split_k: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op on 2-D ``x`` (M×in) in ``weight.dtype``; dropout is on iff ``seed`` is given.
 
@@ -1112,7 +1344,8 @@ def masked_lora_linear_op(
     computed here when not given; without the tile lists the K loops visit every tile).
     ``keep_bits`` stores the dropout keep-mask for the backward; ``decode`` takes the one-launch
     path for M <= 16 tokens without dropout; ``lora_k_steps``, ``persistent`` and ``tma`` allow the
-    GEMM fast paths (:class:`GemmPaths`) in the forward and in dX.
+    GEMM fast paths (:class:`GemmPaths`) in the forward and in dX; ``decode_split_k`` the split-K
+    decode where :func:`decode_splits` splits (it takes precedence over ``decode``).
 
     Returns ``Y``, the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses, and the
     keep bits (uint8, M×⌈in/8⌉; empty unless stored).
@@ -1125,7 +1358,12 @@ def masked_lora_linear_op(
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, rank)), bits
     with device_guard(x.device):
         out_kept = _out_kept(out_mask, out_order, out_count)
-        if decode and num_rows <= DECODE_MAX_ROWS and seed is None and rank <= MAX_RANK_BLOCK:
+        decode_sized = num_rows <= DECODE_MAX_ROWS and seed is None and rank <= MAX_RANK_BLOCK
+        splits = decode_splits(*weight.shape, x.device) if decode_split_k and decode_sized else 1
+        if splits > 1:
+            y, hidden = _decode_split_k(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_kept, splits)
+            return y, hidden, bits
+        if decode and decode_sized:
             y, hidden = _decode(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_kept)
             return y, hidden, bits
         q_mask = (
@@ -1232,6 +1470,7 @@ def _(
     lora_k_steps=False,
     persistent=False,
     tma=False,
+    decode_split_k=False,
 ):
     return (
         x.new_empty((x.shape[0], weight.shape[0])),
@@ -1406,5 +1645,6 @@ def masked_lora_linear(
         "lora_k_steps" in paths,
         "persistent" in paths,
         "tma" in paths,
+        "decode_split_k" in paths,
     )
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -675,6 +675,114 @@ def test_decode_is_one_launch_for_up_to_16_tokens(monkeypatch, num_tokens):
     assert_close(y, expected.detach(), torch.float32)
 
 
+# K-heavy decode layers, (leading shape of x, in, out, rank), named by the K splits the interpreter
+# gives them (decode_splits; a GPU splits them too): odd sizes, 14, 1 and 16 tokens, rank 19.
+SPLIT_K_SHAPES = {
+    "3_splits": ((2, 7), 1000, 45, 19),
+    "2_splits": ((1,), 600, 70, 5),
+    "16_tokens": ((16,), 777, 33, 8),
+}
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("shape", SPLIT_K_SHAPES.values(), ids=SPLIT_K_SHAPES.keys())
+def test_decode_split_k_matches_reference(monkeypatch, shape, mask_kind, with_bias):
+    """The split-K decode alone (and with every path: it takes precedence over decode) against the
+    reference, forward and every gradient; it launches the split and reduce kernels only."""
+    lead, in_features, out_features, rank = shape
+    assert kernel.decode_splits(out_features, in_features, DEVICE) > 1  # on a GPU too
+    layer = make_layer(lead, in_features, out_features, rank, bias=with_bias)
+    out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    for paths in (frozenset({"decode_split_k"}), PATHS["fast"]):
+        keys = autotune_keys_spy(monkeypatch)
+        with torch.no_grad():
+            with_paths(paths)(layer["x"], *[layer[k] for k in list(layer)[1:]], out_mask, in_mask, 0.0, False)
+        monkeypatch.undo()
+        assert [flags["kernel"] for flags in launched_flags(keys)] == ["_decode_split_kernel"]
+        actual = run(with_paths(paths), layer, out_mask, in_mask)
+        for got, want in zip(actual, expected, strict=True):
+            assert_close(got, want, torch.float32)
+        if mask_kind == "all_masked":
+            assert not actual[0].any() and not actual[1].any()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 16])
+@pytest.mark.parametrize("mask_kind", ["absent", "both_random"])
+def test_decode_split_k_any_split_count(splits, mask_kind):
+    """Y and H for any split count, trailing empty K ranges included (100 features over 16 splits
+    of whole 32-wide tiles leave 12 empty): their partials must be zeros, not garbage."""
+    layer = make_layer((5,), 100, 45, 6)
+    out_mask, in_mask = make_masks(mask_kind, 45, 100)
+    args = [layer[k].detach() for k in ("x", "weight", "bias", "lora_a", "lora_b")]
+    out_kept = kernel._out_kept(out_mask, None, None)
+    y, hidden = kernel._decode_split_k(*args, layer["scaling"], in_mask, out_kept, splits)
+    x, weight, bias, lora_a, lora_b = args
+    expected = masked_lora_linear_reference(
+        x, weight, bias, lora_a, lora_b, layer["scaling"], out_mask, in_mask
+    )
+    assert_close(y, expected, torch.float32)
+    x_in = x if in_mask is None else x * in_mask
+    assert_close(hidden, x_in @ lora_a.t(), torch.float32)
+
+
+def test_decode_splits_only_where_k_is_long_and_output_tiles_few():
+    programs = kernel._decode_split_programs(DEVICE)
+    assert kernel.decode_splits(0, 4096, DEVICE) == 1  # no output features: nothing to split
+    assert kernel.decode_splits(45, 511, DEVICE) == 1  # a second split would get under 256 features
+    assert kernel.decode_splits(45, 1000, DEVICE) == 3  # 2 column tiles: as many splits as K allows
+    assert kernel.decode_splits(32 * programs, 1 << 20, DEVICE) == 1  # the columns fill the device
+    assert kernel.decode_splits(32, 1 << 20, DEVICE) == min(programs, kernel.DECODE_MAX_SPLITS)
+
+
+def test_decode_split_k_passes_opcheck():
+    layer = make_layer((7,), 600, 40, 5)
+    out_mask, in_mask = make_masks("both_random", 40, 600)
+    plan = masked_lora_linear_plan(out_mask, in_mask)
+    args = (
+        layer["x"], layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"], layer["scaling"],
+        out_mask, in_mask, 0.0, None, *plan[2:],
+    )  # fmt: skip
+    kwargs = {"decode_split_k": True}
+    assert kernel.decode_splits(40, 600, DEVICE) > 1
+    torch.library.opcheck(torch.ops.loraprune.masked_lora_linear.default, args, kwargs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("in_out", [(11008, 4096), (4096, 4096)], ids=["down", "o"])
+def test_decode_split_k_is_deterministic_and_replays_in_a_cuda_graph(in_out):
+    """LLaMA-7B down_proj and o_proj at one token, bfloat16: the split-K decode runs (its split
+    count > 1 on any GPU with fewer than 384 SMs), gives bit-identical outputs on every call, and
+    replays in a CUDA graph on new inputs (no host sync, one workspace shape)."""
+    in_features, out_features = in_out
+    assert kernel.decode_splits(out_features, in_features, DEVICE) > 1
+    layer = make_layer((1,), in_features, out_features, 8, dtype=torch.bfloat16)
+    in_mask = scattered_mask(in_features, in_features // 2)
+    paths = frozenset({"decode_split_k"})
+    with torch.no_grad():
+        args = [layer[k].detach() for k in ("x", "weight", "bias", "lora_a", "lora_b")]
+        forward = functools.partial(
+            kernel.masked_lora_linear, scaling=layer["scaling"], out_mask=None, in_mask=in_mask,
+            dropout_p=0.0, training=False, fast_paths=paths,
+        )  # fmt: skip
+        first = forward(*args)
+        assert torch.equal(first, forward(*args))
+        static_x = args[0].clone()
+        forward(static_x, *args[1:])  # tuned and compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = forward(static_x, *args[1:])
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        expected = forward(static_x, *args[1:])
+    assert torch.equal(static_y, expected)
+    exact = masked_lora_linear_reference(
+        *(t.double() for t in (static_x, *args[1:])), layer["scaling"], None, in_mask
+    )
+    assert_close(static_y, exact.to(static_y.dtype), torch.bfloat16)
+
+
 @pytest.mark.skipif(not triton_interpreter(), reason="observes the loads through the Triton interpreter")
 def test_k_tiles_skip_the_masked_tiles_of_an_input_masked_forward(monkeypatch):
     """Pruned heads of o_proj: with k_tiles the forward's K loops (H and the GEMM) never load X or W
@@ -985,6 +1093,7 @@ def test_fast_path_benchmark_cases_agree_with_their_reference(monkeypatch, path)
     monkeypatch.setattr(kernel_cases, "WEIGHT_DTYPE", torch.float32)
     case = {
         "decode": kernel_cases.FastPathCase("tiny", 256, 48, 4, 5, 0.5, False, path="decode"),
+        "decode_split_k": kernel_cases.FastPathCase("tiny", 600, 48, 4, 5, 0.5, False, path="decode_split_k"),
         "k_tiles": kernel_cases.FastPathCase(
             "tiny", 256, 48, 4, 20, 0.0, False, path="k_tiles", in_masked=True
         ),

@@ -189,6 +189,22 @@ def drive_launchers(dtypes: list[torch.dtype], ranks: list[int], shapes: list[tu
             args = (x, weight, None, lora_a, lora_b, 2.0, *masks, dropout_p)
             y = masked_lora_linear.masked_lora_linear(*args, training=dropout_p > 0, fast_paths=paths)
             y.backward(torch.ones_like(y))
+        # The split-K decode on a K-heavy layer (few output tiles, K >= 2·DECODE_SPLIT_MIN_K: it
+        # splits on the CPU tensors here as on a GPU), without and with masks.
+        split_in = 4 * in_features
+        split_weight = torch.randn(out_features // 4, split_in, generator=gen).to(dtype)
+        split_a = torch.randn(rank, split_in, generator=gen)
+        split_b = torch.randn(out_features // 4, rank, generator=gen)
+        assert masked_lora_linear.decode_splits(*split_weight.shape, split_weight.device) > 1
+        for masks in (
+            (None, None),
+            (out_mask[: out_features // 4], torch.rand(split_in, generator=gen) > 0.5),
+        ):
+            x = torch.randn(16, split_in, generator=gen).to(dtype)
+            masked_lora_linear.masked_lora_linear(
+                x, split_weight, None, split_a, split_b, 2.0, *masks, 0.0, False,
+                fast_paths=frozenset({"decode_split_k"}),
+            )  # fmt: skip
     for widths in ((128, 128, 128, 128), (1, 1, 1)):
         num_units = 32
         parts = [torch.rand(num_units * width, generator=gen) for width in widths]

@@ -20,7 +20,16 @@ from loraprune.ops._dispatch import resolve
 
 # The Triton kernels' fast paths, each selectable next to the path it replaces until a GPU run
 # compares them (README, "Kernels and backends"); LORAPRUNE_MLL_FAST_PATHS=all|none|a,b,...
-FAST_PATHS = ("mask_cache", "k_tiles", "dropout_bits", "decode", "lora_k_steps", "persistent", "tma")
+FAST_PATHS = (
+    "mask_cache",
+    "k_tiles",
+    "dropout_bits",
+    "decode",
+    "decode_split_k",
+    "lora_k_steps",
+    "persistent",
+    "tma",
+)
 FAST_PATHS_ENV = "LORAPRUNE_MLL_FAST_PATHS"
 # Widths of the K tiles whose kept lists a plan holds: every BLOCK_Q the kernels are tuned over.
 K_TILE_WIDTHS = (16, 32, 64, 128, 256)
