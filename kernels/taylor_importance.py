@@ -19,8 +19,8 @@ Registers (``tests/triton_compile_only.py``, triton 3.9, 2026-12-02): every conf
 sm_80 and sm_90 in fp16/bf16/fp32, ranks 1, 8, 64 and none, aligned and odd shapes, 94-255
 registers per thread and no spills; the rank loop holds no state, so higher ranks cost time only.
 A quantized ``W`` (compiled the same way on 2026-12-02, int8 and nf4, ranks 8 and 64): int8 as
-dense; the 4-bit index math spills on the 128-wide tiles (256-304 B per thread on sm_90, 368-376 B
-on sm_80) and not on the 64-wide ones, which the autotuner can choose on the GPU.
+dense; the 4-bit index math spilled on the 128-wide tiles (256-304 B per thread on sm_90, 368-376 B
+on sm_80) and not on the 64-wide ones, so a 4-bit ``W`` is tuned over the 64-wide tiles only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from loraprune.kernels._utils import (
+    FOUR_BIT,
     device_guard,
     dot_precision,
     load_weight_tile,
@@ -80,6 +81,8 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     alone for rows that are not 16-element aligned and for X and dY of different dtypes."""
     if kwargs.get("UPCAST") or not named_args["rows_aligned"]:
         return [FALLBACK_CONFIG]
+    if kwargs.get("WEIGHT_FORMAT") == FOUR_BIT:  # its index math spills on the 128-wide tiles
+        configs = [c for c in configs if max(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) <= 64] or configs
     itemsize = named_args["x_ptr"].element_size()
     fitting = [c for c in configs if _pipeline_bytes(c, itemsize) <= PIPELINE_SHARED_BYTES]
     return fitting or [min(configs, key=lambda c: _pipeline_bytes(c, itemsize))]
