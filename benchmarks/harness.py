@@ -15,6 +15,7 @@ import datetime as dt
 import importlib.metadata
 import math
 import os
+import re
 import socket
 import statistics
 import time
@@ -186,6 +187,31 @@ def peak_memory_bytes(call: Callable[[], object], device: torch.device) -> int:
     peak = torch.cuda.max_memory_allocated(device) - baseline
     del result
     return peak
+
+
+def proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), in bytes."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (the CPU measurement needs Linux)")
+    return int(match.group(1)) * 1024
+
+
+def step_memory_bytes(step: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """``(resident, peak)``: what is held just before one call of ``step`` and the peak during it.
+    CUDA: allocated bytes and ``max_memory_allocated``. CPU (no allocator statistics): ``VmRSS``
+    and ``VmHWM``, reset to the current resident set through ``/proc/self/clear_refs`` first."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return resident, torch.cuda.max_memory_allocated(device)
+    resident = proc_status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    step()
+    return resident, proc_status_bytes("VmHWM")
 
 
 # --- calibration and floors --------------------------------------------------------------------

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import DEFAULT_RESULTS_DIR, GIB, REPO_ROOT, Recorder, Result, read_rows, shared_dir
+from benchmarks.harness import (
+    DEFAULT_RESULTS_DIR,
+    GIB,
+    REPO_ROOT,
+    Recorder,
+    Result,
+    read_rows,
+    shared_dir,
+    step_memory_bytes,
+)
 from benchmarks.quality import CHECKPOINT_NAME, FIXTURES, PAIRS, REPORT_NAME, SEED_PATTERN, Budget, QualityRun
 
 METHODS = {  # name: extra CLI flags (all --criterion lora)
@@ -261,18 +269,8 @@ def memory_worker(args: argparse.Namespace) -> dict:
     lora_state = sum(p.nbytes for p in params) + sum(
         t.nbytes for p in params for t in optimizer.state[p].values() if torch.is_tensor(t) and t.ndim
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        resident = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    else:
-        resident = _proc_status_bytes("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
-        step()
-        peak, kind = _proc_status_bytes("VmHWM"), "cpu VmHWM after clear_refs"
+    resident, peak = step_memory_bytes(step, device)
+    kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu VmHWM after clear_refs"
     rank = sorted({p.shape[0] for p in params[::2]})
     return {
         "lora_state_bytes": lora_state,
@@ -282,11 +280,6 @@ def memory_worker(args: argparse.Namespace) -> dict:
         "memory_kind": kind,
         "rank": rank,
     }
-
-
-def _proc_status_bytes(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
 
 
 def record(

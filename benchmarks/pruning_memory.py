@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from benchmarks.harness import (
     Result,
     dtype_name,
     results_table,
+    step_memory_bytes,
     time_calls,
 )
 from benchmarks.models import (
@@ -245,20 +245,18 @@ def measure_step(args: argparse.Namespace, device: torch.device) -> None:
 
     if device.type == "cuda":
         step_seconds = time_calls(step, device, repetitions=args.steps, warmup=2)
-        torch.cuda.synchronize(device)
-        resident = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+        resident, peak = step_memory_bytes(step, device)
+        kind = "cuda max_memory_allocated"
     else:
-        resident = _proc_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
-            handle.write("5")
-        started = time.perf_counter()
-        step()
-        step_seconds = [time.perf_counter() - started]
-        peak, kind = _proc_status_bytes("VmHWM"), "cpu peak RSS (VmHWM after clear_refs)"
+        step_seconds = []
+
+        def timed_step() -> None:
+            started = time.perf_counter()
+            step()
+            step_seconds.append(time.perf_counter() - started)
+
+        resident, peak = step_memory_bytes(timed_step, device)
+        kind = "cpu peak RSS (VmHWM after clear_refs)"
     result = {
         "weight_bytes": weight_bytes,
         "resident_bytes": resident,
@@ -296,15 +294,6 @@ def prepare(model: torch.nn.Module, provider: str) -> tuple[torch.nn.Module, Cal
     )
     pruner = LoraPruner(model, config)
     return pruner.model, pruner.update_scores
-
-
-def _proc_status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (Linux), in bytes."""
-    with open("/proc/self/status") as handle:
-        match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field} (the CPU measurement needs Linux)")
-    return int(match.group(1)) * 1024
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import datetime as dt
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, device_name, shared_dir, time_calls
+from benchmarks.harness import (
+    DEFAULT_RESULTS_DIR,
+    REPO_ROOT,
+    device_name,
+    shared_dir,
+    step_memory_bytes,
+    time_calls,
+)
 
 BASES = ("bf16", "int8", "nf4")
 RESULT_PREFIX = "RESULT "
@@ -62,10 +68,6 @@ GIB = 2**30
 def layer_weights(hidden: int, mlp: int, kv_heads: int) -> int:
     kv = kv_heads * 128
     return hidden * (2 * hidden + 2 * kv) + 3 * hidden * mlp
-
-
-def resident_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def memory_worker(base: str, layers: int, seq_len: int) -> dict:
@@ -95,10 +97,8 @@ def memory_worker(base: str, layers: int, seq_len: int) -> dict:
 
     step()  # warm-up: LoRA gradients, bitsandbytes state
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    resident = resident_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    step()
-    return {"resident_bytes": resident * 1024, "peak_bytes": resident_kib("VmHWM") * 1024}
+    resident, peak = step_memory_bytes(step, torch.device("cpu"))
+    return {"resident_bytes": resident, "peak_bytes": peak}
 
 
 def run_memory(args: argparse.Namespace) -> list[dict]:
