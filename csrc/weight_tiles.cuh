@@ -105,40 +105,47 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
 // the two elements (r, c), (r, c+1) of the tile (c even) as floats, read after the group
 // completed and a barrier. Elements outside W may be anything: the kernel masks them.
 
+// Copies rows row0.. and columns col0.. of a row-major W (elements of type Elem: the dense values
+// or the int8 codes) into a tile of kRows rows of pitch kPitch; every thread calls it and it commits
+// one cp.async group. `vector`: 16-byte cp.async chunks (in_features and the row stride are multiples
+// of a chunk, so a chunk that starts inside a row ends inside it); else element by element.
+template <typename Elem, int kRows, int kCols, int kPitch, int kThreads>
+__device__ __forceinline__ void stage_row_major(const WeightSource& w, bool vector, Elem* dst, int row0, int col0) {
+  const Elem* src = static_cast<const Elem*>(w.data);
+  if (vector) {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(Elem));
+    constexpr int kChunksPerRow = kCols / kVec;
+    static_assert(kRows * kChunksPerRow % kThreads == 0, "whole passes");
+#pragma unroll
+    for (int pass = 0; pass < kRows * kChunksPerRow / kThreads; ++pass) {
+      const int chunk = pass * kThreads + threadIdx.x;
+      const int r = chunk / kChunksPerRow;
+      const int c = (chunk % kChunksPerRow) * kVec;
+      if (row0 + r < w.out_features && col0 + c < w.in_features) {
+        cp_async_16(dst + r * kPitch + c, src + static_cast<std::int64_t>(row0 + r) * w.row_stride + (col0 + c));
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int pass = 0; pass < kRows * kCols / kThreads; ++pass) {
+      const int e = pass * kThreads + threadIdx.x;
+      const int r = e / kCols;
+      const int c = e % kCols;
+      if (row0 + r < w.out_features && col0 + c < w.in_features) {
+        dst[r * kPitch + c] = src[static_cast<std::int64_t>(row0 + r) * w.row_stride + (col0 + c)];
+      }
+    }
+  }
+  cp_async_commit();
+}
+
 template <typename T, int kRows, int kCols, int kThreads>
 struct DenseTile {
   static constexpr int kPitch = kCols + 8;  // elements: 16-byte rows, conflict-free pair reads
   static constexpr int kBytes = kRows * kPitch * static_cast<int>(sizeof(T));
 
   __device__ static void stage(const WeightSource& w, bool vector, unsigned char* tile, int row0, int col0) {
-    T* dst = reinterpret_cast<T*>(tile);
-    const T* weight = static_cast<const T*>(w.data);
-    if (vector) {
-      constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-      constexpr int kChunksPerRow = kCols / kVec;
-      // in_features is a multiple of kVec here, so a chunk that starts inside a row ends inside it.
-      static_assert(kRows * kChunksPerRow % kThreads == 0, "whole passes");
-#pragma unroll
-      for (int pass = 0; pass < kRows * kChunksPerRow / kThreads; ++pass) {
-        const int chunk = pass * kThreads + threadIdx.x;
-        const int r = chunk / kChunksPerRow;
-        const int c = (chunk % kChunksPerRow) * kVec;
-        if (row0 + r < w.out_features && col0 + c < w.in_features) {
-          cp_async_16(dst + r * kPitch + c, weight + static_cast<std::int64_t>(row0 + r) * w.row_stride + (col0 + c));
-        }
-      }
-    } else {
-#pragma unroll 4
-      for (int pass = 0; pass < kRows * kCols / kThreads; ++pass) {
-        const int e = pass * kThreads + threadIdx.x;
-        const int r = e / kCols;
-        const int c = e % kCols;
-        if (row0 + r < w.out_features && col0 + c < w.in_features) {
-          dst[r * kPitch + c] = weight[static_cast<std::int64_t>(row0 + r) * w.row_stride + (col0 + c)];
-        }
-      }
-    }
-    cp_async_commit();
+    stage_row_major<T, kRows, kCols, kPitch, kThreads>(w, vector, reinterpret_cast<T*>(tile), row0, col0);
   }
 
   __device__ static float2 pair(const WeightSource&, const unsigned char* tile, int r, int c, int, int) {
@@ -160,32 +167,8 @@ struct Int8Tile {
   static constexpr int kBytes = kRows * kPitch;
 
   __device__ static void stage(const WeightSource& w, bool vector, unsigned char* tile, int row0, int col0) {
-    const auto* codes = static_cast<const std::int8_t*>(w.data);
-    if (vector) {  // 16 codes per copy; in_features is a multiple of 16
-      constexpr int kChunksPerRow = kCols / 16;
-      static_assert(kRows * kChunksPerRow % kThreads == 0, "whole passes");
-#pragma unroll
-      for (int pass = 0; pass < kRows * kChunksPerRow / kThreads; ++pass) {
-        const int chunk = pass * kThreads + threadIdx.x;
-        const int r = chunk / kChunksPerRow;
-        const int c = (chunk % kChunksPerRow) * 16;
-        if (row0 + r < w.out_features && col0 + c < w.in_features) {
-          cp_async_16(tile + r * kPitch + c, codes + static_cast<std::int64_t>(row0 + r) * w.row_stride + (col0 + c));
-        }
-      }
-    } else {
-#pragma unroll 4
-      for (int pass = 0; pass < kRows * kCols / kThreads; ++pass) {
-        const int e = pass * kThreads + threadIdx.x;
-        const int r = e / kCols;
-        const int c = e % kCols;
-        if (row0 + r < w.out_features && col0 + c < w.in_features) {
-          tile[r * kPitch + c] =
-              static_cast<unsigned char>(codes[static_cast<std::int64_t>(row0 + r) * w.row_stride + (col0 + c)]);
-        }
-      }
-    }
-    cp_async_commit();
+    stage_row_major<std::int8_t, kRows, kCols, kPitch, kThreads>(w, vector, reinterpret_cast<std::int8_t*>(tile),
+                                                                  row0, col0);
   }
 
   __device__ static float2 pair(const WeightSource& w, const unsigned char* tile, int r, int c, int row0, int) {
