@@ -2,6 +2,11 @@
 ``loraprune.kernels``, and the CUDA extension ``loraprune._C`` built from ``csrc/`` whenever a
 CUDA toolkit is found (``$CUDA_HOME/bin/nvcc``, else ``nvcc`` on ``PATH``).
 
+``kernels/`` has no ``__init__.py`` and ``loraprune/kernels`` is a link to it: from the repository
+root a folder without ``__init__.py`` can never shadow an installed package named ``kernels``
+(Hugging Face's, which transformers imports), and ``loraprune.kernels`` is a namespace package in
+editable and regular installs alike.
+
 The extension needs no PyTorch headers: nvcc compiles the kernels, the host compiler the
 pybind11 binding, and nvcc links them with the CUDA runtime linked statically, so the module
 imports without a GPU or driver and works with any torch build. Environment switches:
@@ -254,7 +259,6 @@ packages = [*find_packages(include=["loraprune", "loraprune.*"]), "loraprune.ker
 
 setup(
     packages=packages,
-    package_dir={"loraprune.kernels": "kernels"},
     ext_modules=cuda_extensions(),
     cmdclass={"build_ext": BuildExt},
 )
