@@ -72,3 +72,9 @@ def triton_skip_reason() -> str | None:
 
 TRITON_SKIP_REASON = triton_skip_reason()
 requires_triton = pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=str(TRITON_SKIP_REASON))
+# Tests that hand Triton CPU tensors: they run through the interpreter only, which a GPU machine
+# does not set (there the kernel tests run on CUDA tensors instead).
+requires_triton_interpreter = pytest.mark.skipif(
+    TRITON_SKIP_REASON is not None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason=str(TRITON_SKIP_REASON or "runs Triton on CPU tensors: needs TRITON_INTERPRET=1"),
+)

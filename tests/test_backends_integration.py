@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda, requires_triton
+from conftest import requires_cuda, requires_triton_interpreter
 from tiny_models import random_tokens, tiny_model
 
 from loraprune import LoraPruneConfig
@@ -34,7 +34,7 @@ def short_run(criterion: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     return losses, [k.clone() for k in run.pruner.keep], factors
 
 
-@requires_triton
+@requires_triton_interpreter
 @pytest.mark.parametrize("criterion", ["lora", "taylor"])
 def test_triton_backend_runs_the_loop_like_the_reference(monkeypatch, criterion):
     monkeypatch.setenv("LORAPRUNE_BACKEND", "torch")

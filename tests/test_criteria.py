@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_triton_interpreter
 from tiny_models import random_tokens, randomize_lora, tiny_model
 
 from loraprune import LoraPruneConfig, LoraPruner
@@ -189,8 +190,8 @@ def test_fused_taylor_under_autocast_agrees_with_materialized():
     assert_same_scores(scored_under_autocast("fused"), scored_under_autocast("materialized"), rtol=2e-3)
 
 
+@requires_triton_interpreter
 def test_fused_taylor_through_the_triton_masked_linear(monkeypatch):
-    pytest.importorskip("triton")
     reference = scored("llama-gqa-tied", steps=2, prune_at=0, criterion="taylor", layers=(1,))
     monkeypatch.setenv("LORAPRUNE_BACKEND", "triton")  # the fused masked LoRA linear (interpreted)
     pruner = scored("llama-gqa-tied", steps=2, prune_at=0, criterion="taylor", layers=(1,))

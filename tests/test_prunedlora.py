@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TRITON_SKIP_REASON
+from conftest import requires_triton_interpreter
 from tiny_models import random_tokens, randomize_lora, tiny_model
 
 from loraprune import LoraPruneConfig, LoraPruner, ops
@@ -198,7 +198,7 @@ def test_alpha_modes_scale_as_documented(mode):
 # -- kernels at every rank the schedule passes through ----------------------------------------------
 
 
-@pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=str(TRITON_SKIP_REASON))
+@requires_triton_interpreter
 def test_triton_ops_agree_with_the_reference_at_every_rank_of_the_schedule():
     """16 → 8 in steps of 3 and the rest (16, 13, 10, 8; then every rank between, odd ones too)."""
     torch.manual_seed(0)
