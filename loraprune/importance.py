@@ -2,10 +2,13 @@
 
 Every criterion but ``act`` produces, for each member matrix of a group, an importance vector
 along the member's pruned axis; :func:`loraprune.ops.score_update` then L2-normalises each
-vector, folds it into the group's units and moves the running scores.
+vector, folds it into the group's units and adds the members. As in the authors' LoRAPrune code
+(``update_sensitivity_dict``), the moving average of every criterion starts from zero,
+``S ← λS + (1−λ)·now``, and a step whose importance holds NaN/Inf in any group is skipped in all.
 
 - ``lora`` (LoRAPrune): ``|G ⊙ (W + s·B·A)|`` with ``G = gB·A + B·gA − gB·gA`` estimated from
-  the LoRA factors and their gradients: the gradient of ``W`` is never formed.
+  the LoRA factors and their gradients: the gradient of ``W`` is never formed. As in the authors'
+  ``compute_sensitivity``, each member's vector is summed into units before it is L2-normalised.
 - ``taylor`` (LLM-Pruner, first order): ``|∂L/∂W ⊙ (W + s·B·A)|``. ``fused`` (default): each
   member layer keeps its input ``X`` and output gradient ``dY`` of the backward the loop runs
   anyway and reduces ``|(dYᵀX) ⊙ W'|`` to rows / columns with :func:`loraprune.ops.taylor_importance`
@@ -134,14 +137,23 @@ def _input_member(group: StructureGroup) -> Member:
 
 
 def _moving_average(
-    scores: torch.Tensor, now: torch.Tensor, decay: float, updates: torch.Tensor, skipped: torch.Tensor
+    scores: torch.Tensor,
+    now: torch.Tensor,
+    decay: float,
+    updates: torch.Tensor,
+    skipped: torch.Tensor,
+    applied: torch.Tensor | None = None,
 ) -> None:
-    """``score_update``'s moving average and NaN/Inf skip, without its per-member normalisation."""
-    finite = torch.isfinite(now).all()
-    averaged = torch.where(updates == 0, now, decay * scores + (1.0 - decay) * now)
-    scores.copy_(torch.where(finite, averaged, scores))
-    updates.add_(finite.long())
-    skipped.add_((~finite).long())
+    """``S ← λS + (1−λ)·now`` from ``S = 0`` (the authors' ``update_sensitivity_dict``), on the device.
+
+    The step is counted as skipped and leaves ``S`` alone unless ``applied`` (a 0-dim bool; by
+    default: ``now`` is finite).
+    """
+    if applied is None:
+        applied = torch.isfinite(now).all()
+    scores.copy_(torch.where(applied, decay * scores + (1.0 - decay) * now, scores))
+    updates.add_(applied.long())
+    skipped.add_((~applied).long())
 
 
 def reduce_axis(element: torch.Tensor, axis: str) -> torch.Tensor:
@@ -232,18 +244,37 @@ class ImportanceTracker:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold this step's importance into the running scores (no-op for ``random``)."""
+        """Fold this step's importance into the running scores (no-op for ``random``): in every group,
+        or, when any group's importance holds NaN/Inf, in none (counted as skipped)."""
         if self.criterion == "random":
             return
-        for group, scores, updates, skipped in zip(
-            self.groups, self.scores, self.num_updates, self.num_skipped, strict=True
+        steps = [
+            self._step_importance(group, scores)
+            for group, scores in zip(self.groups, self.scores, strict=True)
+        ]
+        # A model may span several devices: gather the groups' flags on the first one.
+        home = self.scores[0].device
+        applied = torch.stack([finite.to(home) for _, finite in steps]).all()
+        for (now, _), scores, updates, skipped in zip(
+            steps, self.scores, self.num_updates, self.num_skipped, strict=True
         ):
-            if self.criterion == "act":
-                now = self._capture(_input_member(group)).take()
-                _moving_average(scores, now, self.decay, updates, skipped)
-                continue
-            parts = [v for m in group.members if (v := self.member_importance(m)) is not None]
-            ops.score_update(scores, parts, self.decay, updates, skipped)
+            _moving_average(scores, now, self.decay, updates, skipped, applied.to(scores.device))
+
+    def _step_importance(
+        self, group: StructureGroup, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's importance per unit of ``group`` and whether it is finite (0-dim bool)."""
+        if self.criterion == "act":
+            now = self._capture(_input_member(group)).take()
+            return now, torch.isfinite(now).all()
+        parts = [v for m in group.members if (v := self.member_importance(m)) is not None]
+        if self.criterion == "lora":  # the authors' compute_sensitivity: into units, then the norm
+            parts = [p.reshape(group.num_units, -1).sum(dim=1) for p in parts]
+        now = torch.zeros_like(scores)
+        fresh, skipped = (torch.zeros((), dtype=torch.int64, device=scores.device) for _ in range(2))
+        # A first update (fresh counter) sets now = Σ fold(p/‖p‖), or leaves it if that is not finite.
+        ops.score_update(now, parts, 0.0, fresh, skipped)
+        return now, skipped == 0
 
     def _capture(self, member: Member) -> ScoreCapture:
         if member.path not in self.captures:
@@ -295,8 +326,8 @@ class ImportanceTracker:
         return min(int(c) for c in self.num_updates) if self.num_updates else 0
 
     def total_skipped(self) -> int:
-        """Group updates skipped for NaN/Inf so far, summed over groups (synchronises)."""
-        return sum(int(c) for c in self.num_skipped)
+        """Score updates (steps) skipped for NaN/Inf so far (synchronises)."""
+        return max((int(c) for c in self.num_skipped), default=0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}

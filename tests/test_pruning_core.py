@@ -229,21 +229,48 @@ def test_random_criterion_is_seeded():
     assert not all(torch.equal(x, y) for x, y in zip(a.tracker.scores, c.tracker.scores, strict=True))
 
 
-def test_lora_scores_match_module_brute_force():
-    pruner = trained_pruner(tiny_model(), steps=1, layers=(1,), prune_heads=False, criterion="lora")
-    tokens = random_tokens(seed=9)
-    pruner.model(input_ids=tokens, labels=tokens).loss.backward()
-    group = pruner.groups[0]
-    parts = []
+def authors_sensitivity(pruner: LoraPruner, group) -> torch.Tensor:
+    """``compute_sensitivity`` of the authors' code (aim-uofa/LoRAPrune, loraprune/utils.py) added over
+    the group's members: ``|G ⊙ W'|`` summed into units (o/down transposed), then L2-normalised."""
+    total = torch.zeros(group.num_units)
     for member in group.members:
         module: LoraPruneLinear = pruner.model.get_submodule(member.path)
         a, b, ga, gb = module.lora_A, module.lora_B, module.lora_A.grad, module.lora_B.grad
         element = ((gb @ a + b @ ga - gb @ ga) * (module.weight + module.scaling * b @ a)).abs()
-        vector = element.sum(1) if member.axis == "out" else element.sum(0)
-        parts.append(vector / vector.norm())
-    expected = 0.9 * pruner.tracker.scores[0] + 0.1 * sum(parts)
+        if member.axis == "in":
+            element = element.t()
+        per_unit = element.reshape(group.num_units, -1).sum(dim=1)
+        total += per_unit / per_unit.norm()
+    return total
+
+
+@pytest.mark.parametrize("name", ["llama-mha-untied", "llama-gqa-tied"])
+def test_lora_scores_follow_the_authors_code(name):
+    """Units first, then the norm; the moving average starts from zero (update_sensitivity_dict)."""
+    pruner = trained_pruner(tiny_model(name), steps=0, criterion="lora")
+    expected = [torch.zeros(g.num_units) for g in pruner.groups]
+    for seed in range(2):
+        tokens = random_tokens(seed=seed)
+        pruner.model(input_ids=tokens, labels=tokens).loss.backward()
+        with torch.no_grad():
+            now = [authors_sensitivity(pruner, g) for g in pruner.groups]
+            expected = [0.9 * e + 0.1 * n for e, n in zip(expected, now, strict=True)]
+        pruner.update_scores()
+        pruner.model.zero_grad()
+    for scores, reference, group in zip(pruner.tracker.scores, expected, pruner.groups, strict=True):
+        torch.testing.assert_close(scores, reference, msg=group.name)
+
+
+def test_a_step_with_nan_in_any_group_is_skipped_in_every_group():
+    pruner = trained_pruner(tiny_model(), steps=1, criterion="lora")
+    before = [s.clone() for s in pruner.tracker.scores]
+    tokens = random_tokens(seed=5)
+    pruner.model(input_ids=tokens, labels=tokens).loss.backward()
+    pruner.model.get_submodule("model.layers.2.mlp.up_proj").lora_A.grad[0, 0] = float("nan")
     pruner.update_scores()
-    torch.testing.assert_close(pruner.tracker.scores[0], expected)
+    assert all(torch.equal(s, b) for s, b in zip(pruner.tracker.scores, before, strict=True))
+    assert [int(c) for c in pruner.tracker.num_updates] == [1] * len(pruner.groups)
+    assert pruner.tracker.total_skipped() == 1  # one step skipped
 
 
 def test_peft_adapters_give_the_same_scores_as_native_lora():
