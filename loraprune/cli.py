@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from loraprune.config import CRITERIA, LORA_ALPHA_MODES, TAYLOR_IMPLS
+from loraprune.config import CRITERIA, LORA_ALPHA_MODES, LORA_MEMBERS, TAYLOR_IMPLS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -101,10 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--taylor-impl",
-        default="fused",
         choices=list(TAYLOR_IMPLS),
-        help="taylor: fused (from layer inputs and output gradients, no weight gradient) or "
-        "materialized (the frozen weights' gradients: more memory)",
+        help="taylor only: fused (default; from layer inputs and output gradients, no weight gradient) "
+        "or materialized (the frozen weights' gradients: more memory)",
     )
     prune.add_argument(
         "--squared",
@@ -113,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--lora-members",
-        default="all",
-        choices=["all", "rows"],
-        help="lora: score groups from all member matrices, or from the row members only (q/k/v, gate/up)",
+        choices=list(LORA_MEMBERS),
+        help="lora only: score groups from all member matrices (default), or from the row members only "
+        "(q/k/v, gate/up)",
     )
     prune.add_argument(
         "--mode",

@@ -30,8 +30,9 @@ class LoraPruneConfig:
             their gradients, in loss units), ``magnitude`` (L2 of the merged weights) or
             ``random`` (seeded). See :mod:`loraprune.importance`.
         taylor_impl: how ``taylor`` is computed: ``fused`` (from each layer's input and output
-            gradient during the backward, no weight gradient) or ``materialized`` (from the
-            frozen weights' real gradients, one out×in gradient per matrix).
+            gradient during the backward, no weight gradient; the default) or ``materialized``
+            (from the frozen weights' real gradients, one out×in gradient per matrix). ``None``
+            for every other criterion; setting it with another criterion is an error.
         lora_r, lora_alpha, lora_dropout: LoRA rank, alpha (scaling = alpha / r) and dropout.
         lora_final_r: PrunedLoRA (Xie et al. 2025): the adapters start at rank ``lora_r`` (a PEFT
             adapter taken over: at its own rank) and lose their least important rank components
@@ -65,6 +66,7 @@ class LoraPruneConfig:
             (LoRAPrune), or ``rows`` (q/k/v and gate/up only): while ``B ≈ 0`` a column member's
             estimate (o_proj, down_proj columns) is ``s·∇W·AᵀA``, every column's gradient mixed
             into every other's (see ``benchmarks/criteria_probe.py`` for the measured effect).
+            Default ``all``; ``None`` for every other criterion (setting it then is an error).
         seed: seeds the LoRA initialisation and the ``random`` criterion.
         quantize_base: hold the frozen projections in bitsandbytes ``int8`` (LLM.int8()) or
             ``nf4`` layers while LoRA stays fp32 (see :mod:`loraprune.quantization`); ``None``:
@@ -73,7 +75,7 @@ class LoraPruneConfig:
 
     ratio: float = 0.5
     criterion: str = "taylor"
-    taylor_impl: str = "fused"
+    taylor_impl: str | None = None
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -90,7 +92,7 @@ class LoraPruneConfig:
     round_to: int = 1
     ema_decay: float = 0.9
     squared: bool = False
-    lora_members: str = "all"
+    lora_members: str | None = None
     seed: int = 0
     quantize_base: str | None = None
 
@@ -100,12 +102,12 @@ class LoraPruneConfig:
             self.layers = tuple(int(i) for i in self.layers)
         check_ratio(self.ratio, "ratio")
         _check_choice("criterion", self.criterion, CRITERIA)
-        _check_choice("taylor_impl", self.taylor_impl, TAYLOR_IMPLS)
-        _check_choice("lora_members", self.lora_members, LORA_MEMBERS)
-        if self.lora_members != "all" and self.criterion != "lora":
-            raise ValueError(
-                f"lora_members applies to criterion 'lora' only, got criterion {self.criterion!r}"
-            )
+        self.taylor_impl = _criterion_option(
+            "taylor_impl", self.taylor_impl, "taylor", self.criterion, TAYLOR_IMPLS
+        )
+        self.lora_members = _criterion_option(
+            "lora_members", self.lora_members, "lora", self.criterion, LORA_MEMBERS
+        )
         if self.squared and self.criterion not in SQUARED_CRITERIA:
             raise ValueError(
                 f"squared has no meaning for criterion {self.criterion!r} (it applies to "
@@ -164,6 +166,18 @@ def check_ratio(value: float, name: str = "ratio") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def _criterion_option(
+    name: str, value: str | None, owner: str, criterion: str, choices: tuple[str, ...]
+) -> str | None:
+    """An option of criterion ``owner``: its first choice by default, an error with another criterion."""
+    if value is None:
+        return choices[0] if criterion == owner else None
+    _check_choice(name, value, choices)
+    if criterion != owner:
+        raise ValueError(f"{name} applies to criterion {owner!r} only, got criterion {criterion!r}")
+    return value
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -222,6 +222,15 @@ def test_errors_name_the_argument():
         (["--criterion", "random", "--squared"], "--squared has no meaning for criterion 'random'"),
         (["--criterion", "fisher"], "--criterion: invalid choice"),
         (["--taylor-impl", "dense"], "--taylor-impl: invalid choice"),
+        # given explicitly, even at their defaults, with a criterion they do not apply to
+        (
+            ["--criterion", "lora", "--taylor-impl", "fused"],
+            "--taylor-impl applies to criterion 'taylor' only",
+        ),
+        (
+            ["--lora-members", "all"],
+            "--lora-members applies to criterion 'lora' only, got criterion 'taylor'",
+        ),
     ],
 )
 def test_cli_rejects_bad_criteria_in_one_line(flags, message, tmp_path, capsys, tiny_llama_dir):
