@@ -287,7 +287,7 @@ def prepare(model: torch.nn.Module, provider: str) -> tuple[torch.nn.Module, Cal
         # default skip rule a 2-layer proxy would score layer 0 only and measure mostly frozen weights.
         layers=tuple(range(model.config.num_hidden_layers)),
         criterion=CRITERIA[provider],
-        taylor_impl="materialized" if provider == "taylor-materialized" else "fused",
+        taylor_impl="materialized" if provider == "taylor-materialized" else None,
         lora_r=LORA_R,
         lora_alpha=LORA_ALPHA,
         lora_dropout=LORA_DROPOUT,
