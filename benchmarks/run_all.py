@@ -172,6 +172,7 @@ def quality_summary(rows: list[dict[str, str]]) -> str:
             "x dense": short(r["ratio_to_reference"]),
         }
         for r in rows
+        if r["benchmark"].startswith("perplexity ")
     ]
     return format_table(table, ["eval", "method", "ppl", "x dense"])
 
