@@ -13,6 +13,7 @@ score once on calibration batches, prune to the target, then fine-tune.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -41,6 +42,71 @@ MODES = ("iterative", "oneshot")
 CHECKPOINT_FORMAT = 1
 
 
+def _check_positive_ints(owner: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_phases(warmup: float, cooldown: float) -> None:
+    if not (0 <= warmup < 1 and 0 <= cooldown < 1 and warmup + cooldown < 1):
+        raise ValueError(
+            f"warmup and cooldown must be fractions in [0, 1) summing below 1, got {warmup} and {cooldown}"
+        )
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """The iterative schedule over ``steps`` optimizer steps (the CLI's loop and the Trainer callback).
+
+    Masks grow every ``prune_every`` steps past the warm-up (``warmup·steps``) to the cubic schedule's
+    ratio, and reach the target at the first step of the cool-down (``steps − cooldown·steps``);
+    importance is scored on every step before that last pruning step.
+    """
+
+    steps: int
+    prune_every: int = 10
+    warmup: float = 0.1
+    cooldown: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_positive_ints(self, ("steps", "prune_every"))
+        _check_phases(self.warmup, self.cooldown)
+        if self.steps < self.prune_every:
+            raise ValueError(
+                f"steps ({self.steps}) is fewer than prune_every ({self.prune_every}): the "
+                "schedule needs at least one pruning step"
+            )
+
+    @functools.cached_property
+    def prune_steps(self) -> tuple[int, ...]:
+        """Optimizer steps after which masks grow: every ``prune_every`` steps past the warm-up,
+        and the first step of the cool-down, which reaches the target."""
+        end = max(1, math.ceil(self.steps - self.cooldown * self.steps))
+        start = self.warmup * self.steps
+        return tuple(sorted({t for t in range(self.prune_every, end, self.prune_every) if t > start} | {end}))
+
+    def scoring(self, steps_done: int) -> bool:
+        """Whether the optimizer step after ``steps_done`` steps scores importance."""
+        return steps_done < self.prune_steps[-1]
+
+    def ratio_after(self, steps_done: int, final_ratio: float) -> float:
+        """The ratio the masks hold after ``steps_done`` optimizer steps."""
+        past = [t for t in self.prune_steps if t <= steps_done]
+        if not past:
+            return 0.0
+        return cubic_ratio(max(past), self.steps, final_ratio, 0.0, self.warmup, self.cooldown)
+
+    def step_done(self, pruner: LoraPruner, steps_done: int) -> None:
+        """After optimizer step ``steps_done``: grow the masks on a pruning step; after the last one,
+        stop scoring."""
+        if steps_done in self.prune_steps:
+            pruner.prune(self.ratio_after(steps_done, pruner.config.ratio))
+        if steps_done == self.prune_steps[-1]:
+            pruner.finish_scoring()
+
+
 @dataclass
 class RunConfig:
     """How long and how the model fine-tunes while it is pruned (see the module docstring)."""
@@ -60,10 +126,9 @@ class RunConfig:
     save_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "prune_every", "calib_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive_ints(
+            self, ("steps", "batch_size", "grad_accum", "seq_len", "prune_every", "calib_batches")
+        )
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
@@ -72,27 +137,19 @@ class RunConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
-        if not (0 <= self.warmup < 1 and 0 <= self.cooldown < 1 and self.warmup + self.cooldown < 1):
-            raise ValueError(
-                f"warmup and cooldown must be fractions in [0, 1) summing below 1, got "
-                f"{self.warmup} and {self.cooldown}"
-            )
+        _check_phases(self.warmup, self.cooldown)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "iterative" and self.steps < self.prune_every:
-            raise ValueError(
-                f"steps ({self.steps}) is fewer than prune_every ({self.prune_every}): the "
-                "schedule needs at least one pruning step"
-            )
+        if self.mode == "iterative":
+            self.schedule()
+
+    def schedule(self) -> PruneSchedule:
+        """The iterative mode's pruning schedule."""
+        return PruneSchedule(self.steps, self.prune_every, self.warmup, self.cooldown)
 
     def prune_steps(self) -> list[int]:
-        """Optimizer steps after which masks grow: every ``prune_every`` steps past the warm-up,
-        and the first step of the cool-down, which reaches the target."""
-        if self.mode == "oneshot":
-            return []
-        end = max(1, math.ceil(self.steps - self.cooldown * self.steps))
-        start = self.warmup * self.steps
-        return sorted({t for t in range(self.prune_every, end, self.prune_every) if t > start} | {end})
+        """Optimizer steps after which masks grow (none in one-shot mode)."""
+        return [] if self.mode == "oneshot" else list(self.schedule().prune_steps)
 
 
 @dataclass
@@ -150,8 +207,7 @@ class PruningRun:
         self.last_loss: float | None = None
         self.tokens_seen = 0
         self.elapsed = 0.0
-        self.prune_steps = set(run_config.prune_steps())
-        self.last_prune_step = max(self.prune_steps, default=0)
+        self.schedule = run_config.schedule() if run_config.mode == "iterative" else None
         self.rank_schedule: RankSchedule | None = None
         if self.pruner.rank is not None:
             self.rank_schedule = rank_schedule(
@@ -171,7 +227,7 @@ class PruningRun:
     @property
     def scoring(self) -> bool:
         """Importance is tracked until the last pruning step (one-shot: during calibration only)."""
-        return self.run_config.mode == "iterative" and self.step < self.last_prune_step
+        return self.schedule is not None and self.schedule.scoring(self.step)
 
     @property
     def rank_scoring(self) -> bool:
@@ -179,21 +235,9 @@ class PruningRun:
         return self.step < self.last_rank_step
 
     def current_ratio(self) -> float:
-        if self.run_config.mode == "oneshot":
+        if self.schedule is None:
             return self.prune_config.ratio
-        past = [t for t in self.prune_steps if t <= self.step]
-        return (
-            cubic_ratio(
-                max(past),
-                self.run_config.steps,
-                self.prune_config.ratio,
-                0.0,
-                self.run_config.warmup,
-                self.run_config.cooldown,
-            )
-            if past
-            else 0.0
-        )
+        return self.schedule.ratio_after(self.step, self.prune_config.ratio)
 
     def _backward(self, batch_index: int) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its (unscaled, undivided) loss on the device."""
@@ -235,10 +279,8 @@ class PruningRun:
         self.model.zero_grad(set_to_none=True)
         self.step += 1
         self.last_loss = float(torch.stack(losses).mean())  # the step's one host synchronisation
-        if self.step in self.prune_steps:
-            self.pruner.prune(self.current_ratio())
-            if self.step == self.last_prune_step:
-                self.pruner.finish_scoring()
+        if self.schedule is not None:
+            self.schedule.step_done(self.pruner, self.step)
         if self.rank_schedule is not None and self.step in self.rank_schedule.steps:
             last = self.step == self.last_rank_step
             self.pruner.prune_rank(None if last else self.rank_schedule.count, self.optimizer)
@@ -309,6 +351,10 @@ class PruningRun:
         )
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @staticmethod
+    def _default_settings() -> dict[str, dict]:
+        return {"prune_config": LoraPruneConfig().to_dict(), "run_config": asdict(RunConfig())}
+
     def _settings(self) -> dict:
         run = asdict(self.run_config)
         run.pop("save_every")  # may change between sessions without changing the result
@@ -321,13 +367,7 @@ class PruningRun:
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue bit-exactly, in one file replaced atomically."""
-        tensors = {
-            f"lora.{path}.{name}": getattr(module, name).detach()
-            for path, module in lora_modules(self.model).items()
-            if module.lora_A is not None
-            for name in ("lora_A", "lora_B")
-        }
-        tensors.update({f"pruner.{k}": v for k, v in self.pruner.state_dict().items()})
+        tensors = pruning_state(self.pruner)
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
             tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
@@ -335,7 +375,6 @@ class PruningRun:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         metadata = {
-            "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "last_loss": self.last_loss,
             "tokens_seen": self.tokens_seen,
@@ -344,42 +383,15 @@ class PruningRun:
             "optimizer_param_groups": optimizer_state["param_groups"],
             "scaler": self.scaler.state_dict(),
         }
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata={"loraprune": json.dumps(metadata)})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.checkpoint)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_checkpoint_file(self.checkpoint, tensors, metadata)
 
     def load_checkpoint(self) -> None:
         """Restore a checkpoint written by a run with the same settings."""
-        with safe_open(str(self.checkpoint), framework="pt") as handle:
-            metadata = json.loads(handle.metadata()["loraprune"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"resume: {self.checkpoint} has checkpoint format {metadata.get('format')}, "
-                f"expected {CHECKPOINT_FORMAT}"
-            )
-        _check_same_settings(metadata["settings"], self._settings())
-        # first: with rank pruning this narrows the adapters to the saved components
-        self.pruner.load_state_dict(
-            {
-                k.removeprefix("pruner."): v.to(self.device)
-                for k, v in tensors.items()
-                if k.startswith("pruner.")
-            }
-        )
+        metadata, tensors = read_checkpoint_file(self.checkpoint)
+        check_same_settings(metadata["settings"], self._settings(), self._default_settings())
+        load_pruning_state(self.pruner, tensors, self.device)
         if self.pruner.rank is not None:
             self._rank_changed()
-        with torch.no_grad():
-            for path, module in lora_modules(self.model).items():
-                if module.lora_A is not None:
-                    for name in ("lora_A", "lora_B"):
-                        getattr(module, name).copy_(tensors[f"lora.{path}.{name}"])
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -392,7 +404,7 @@ class PruningRun:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step, self.last_loss = metadata["step"], metadata["last_loss"]
         self.tokens_seen, self.elapsed = metadata["tokens_seen"], metadata["elapsed"]
-        if self.step >= self.last_prune_step and self.run_config.mode == "iterative":
+        if self.schedule is not None and not self.schedule.scoring(self.step):
             self.pruner.finish_scoring()
         if self.run_config.mode == "oneshot" and self.pruner.masked_anything():
             self.pruner.finish_scoring()
@@ -420,19 +432,74 @@ def _reset_peak_memory(device: torch.device) -> int:
     return peak
 
 
-def _check_same_settings(saved: dict, current: dict) -> None:
+def pruning_state(pruner: LoraPruner) -> dict[str, torch.Tensor]:
+    """The LoRA factors (``lora.<path>.lora_A|lora_B``) and the pruner's masks and moving averages
+    (``pruner.<key>``): what a checkpoint holds besides the optimizer's state."""
+    tensors = {
+        f"lora.{path}.{name}": getattr(module, name).detach()
+        for path, module in lora_modules(pruner.model).items()
+        if module.lora_A is not None
+        for name in ("lora_A", "lora_B")
+    }
+    tensors.update({f"pruner.{k}": v for k, v in pruner.state_dict().items()})
+    return tensors
+
+
+def load_pruning_state(pruner: LoraPruner, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore :func:`pruning_state` in place (the LoRA factors stay the same Parameter objects, so an
+    optimizer built over them keeps them)."""
+    # first: with rank pruning this narrows the adapters to the saved components
+    pruner.load_state_dict(
+        {k.removeprefix("pruner."): v.to(device) for k, v in tensors.items() if k.startswith("pruner.")}
+    )
+    with torch.no_grad():
+        for path, module in lora_modules(pruner.model).items():
+            if module.lora_A is not None:
+                for name in ("lora_A", "lora_B"):
+                    getattr(module, name).copy_(tensors[f"lora.{path}.{name}"])
+
+
+def write_checkpoint_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """One safetensors file (``metadata`` as JSON, with the format), replaced atomically."""
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"format": CHECKPOINT_FORMAT, **metadata}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"loraprune": json.dumps(metadata)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and tensors of a file written by :func:`write_checkpoint_file`."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["loraprune"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"resume: {path} has checkpoint format {metadata.get('format')}, expected {CHECKPOINT_FORMAT}"
+        )
+    return metadata, tensors
+
+
+def check_same_settings(saved: dict, current: dict, defaults: dict[str, dict]) -> None:
+    """Raise unless a checkpoint's settings are the current ones. The sections named in ``defaults``
+    are compared key by key (a key missing from ``saved`` passes at its default: added since); every
+    other key as a whole."""
     differences = []
-    defaults = {"prune_config": LoraPruneConfig().to_dict(), "run_config": asdict(RunConfig())}
-    for section in ("prune_config", "run_config"):
+    for section, section_defaults in defaults.items():
         for key in sorted(set(saved[section]) | set(current[section])):
             before, now = saved[section].get(key), current[section].get(key)
-            if key not in saved[section] and json.dumps(now) == json.dumps(defaults[section].get(key)):
+            if key not in saved[section] and json.dumps(now) == json.dumps(section_defaults.get(key)):
                 continue  # a setting added since the checkpoint was written, at its default
             if json.dumps(before) != json.dumps(now):
                 differences.append(f"{key}: {before!r} then, {now!r} now")
-    for key in ("seed", "amp_dtype"):
-        if saved[key] != current[key]:
-            differences.append(f"{key}: {saved[key]!r} then, {current[key]!r} now")
+    for key in sorted((set(saved) | set(current)) - set(defaults)):
+        if saved.get(key) != current.get(key):
+            differences.append(f"{key}: {saved.get(key)!r} then, {current.get(key)!r} now")
     if differences:
         raise ValueError(
             "resume: the checkpoint was made with other settings (" + "; ".join(differences) + ")"
