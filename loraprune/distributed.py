@@ -12,8 +12,11 @@ the same all-reduced gradients, every removal is checked the same way, and DDP i
 the narrowed factors. Only rank 0 writes checkpoints; every rank reads them on resume.
 
 With equal windows per rank, the mean of the ranks' losses is the global batch's loss, so a
-run on N processes computes what one process computes on the same global batch, up to float
-summation order (LoRA dropout excepted: each rank draws its own masks).
+run on N processes computes, for every criterion, what one process computes with N times the
+micro-batches (``batch_size / N``, ``grad_accum · N``), the ranks' slices in rank order, up to float
+summation order (LoRA dropout excepted: each rank draws its own masks). All criteria but fused
+``taylor`` also equal one process on the same global batch; fused ``taylor`` adds each rank's
+``|dYᵀX ⊙ W'|`` as it adds micro-batches (``|·|`` of the sum would need every ``dYᵀX`` all-reduced).
 
     torchrun --nproc_per_node 2 -m loraprune.cli prune MODEL_DIR --data FILE ... --batch-size 8
 """

@@ -19,13 +19,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraprune import LoraPruneConfig
 from loraprune.distributed import DistributedPruner, DistributedPruningRun, mask_fingerprint
-from loraprune.run import RunConfig
+from loraprune.run import PruningRun, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--ratio", "0.5", "--steps", "6", "--prune-every", "2", "--seq-len", "16", "--batch-size", "4"]
 RUN += ["--lora-dropout", "0", "--save-every", "0", "--warmup", "0", "--cooldown", "0.2"]
-# lora scores the all-reduced LoRA gradients, so two ranks equal one process exactly; fused taylor sums each
-# rank's |dYᵀX ⊙ W'| as it sums micro-batches (README, data parallel), which differs from one process's |Σ|.
+# lora scores the all-reduced LoRA gradients, so two ranks equal one process with the same batch; fused taylor
+# equals one process whose micro-batches are the ranks' batches (test_every_criterion_... below).
 RUN += ["--criterion", "lora"]
 
 
@@ -102,6 +102,34 @@ def test_two_processes_resume_to_the_same_model(runs, model_dir, calib_text):
     assert_same_model(runs["root"] / "parallel", out)
 
 
+# Every criterion that runs under data parallel (taylor materialized is refused); act's squared form
+# has its own scaling over ranks.
+CRITERIA = {
+    "lora": {"criterion": "lora"},
+    "taylor": {"criterion": "taylor"},
+    "act": {"criterion": "act"},
+    "act-squared": {"criterion": "act", "squared": True},
+    "magnitude": {"criterion": "magnitude"},
+    "random": {"criterion": "random"},
+}
+CRITERIA_WINDOWS = torch.randint(0, 96, (24, 8), generator=torch.Generator().manual_seed(0))
+
+
+def criterion_run(name: str, batch_size: int, grad_accum: int, run_class: type = PruningRun) -> dict:
+    """Scores, masks and LoRA factors after 4 steps, pruned to 50% at steps 1 to 3 (no dropout)."""
+    prune_config = LoraPruneConfig(ratio=0.5, layers=(0, 1, 2), lora_dropout=0.0, **CRITERIA[name])
+    run_config = RunConfig(
+        steps=4, prune_every=1, batch_size=batch_size, grad_accum=grad_accum, seq_len=8, warmup=0.0,
+        cooldown=0.25, save_every=0,
+    )  # fmt: skip
+    run = run_class(tiny_llama(96), CRITERIA_WINDOWS, prune_config, run_config, progress=False)
+    run.run()
+    state = {f"scores.{i}": s.clone() for i, s in enumerate(run.pruner.tracker.scores)}
+    state.update({f"keep.{i}": k.clone() for i, k in enumerate(run.pruner.keep)})
+    state.update({f"lora.{i}": p.detach().clone() for i, p in enumerate(run.pruner.trainable_parameters())})
+    return state
+
+
 def _rank_worker(rank: int, world_size: int, store: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     outcome = {}
@@ -123,18 +151,54 @@ def _rank_worker(rank: int, world_size: int, store: str, results: str) -> None:
             pruner.check_masks_agree()
         except RuntimeError as exc:
             outcome["masks differ"] = str(exc)
+        for name in CRITERIA:
+            state = criterion_run(name, 4, 1, DistributedPruningRun)
+            if rank == 0:
+                torch.save(state, Path(results, f"{name}.pt"))
     finally:
         Path(results, f"{rank}.json").write_text(json.dumps(outcome))
         dist.destroy_process_group()
 
 
-def test_each_rank_fails_loudly_on_bad_input_and_diverged_masks():
+@pytest.fixture(scope="module")
+def spawned():
+    """Two processes (gloo) started once: each one's outcomes, and rank 0's state per criterion."""
     with tempfile.TemporaryDirectory() as directory:
         mp.spawn(_rank_worker, args=(2, os.path.join(directory, "store"), directory), nprocs=2)
         outcomes = [json.loads(Path(directory, f"{r}.json").read_text()) for r in range(2)]
-    for outcome in outcomes:
+        states = {name: torch.load(Path(directory, f"{name}.pt")) for name in CRITERIA}
+    return {"outcomes": outcomes, "states": states}
+
+
+def test_each_rank_fails_loudly_on_bad_input_and_diverged_masks(spawned):
+    for outcome in spawned["outcomes"]:
         assert "batch_size (3)" in outcome["uneven batch"]
         assert "masks differ" in outcome["masks differ"]
+
+
+def assert_same_run(one: dict, two: dict) -> None:
+    assert one.keys() == two.keys()
+    for key in one:
+        if key.startswith("keep."):
+            assert torch.equal(one[key], two[key]), key
+        else:
+            torch.testing.assert_close(one[key], two[key], atol=1e-7, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", CRITERIA)
+def test_every_criterion_under_two_processes_equals_one_process_with_their_micro_batches(spawned, name):
+    """2 processes × batch 2 = one process with batch 2 and --grad-accum 2 (the README's guarantee);
+    all but fused taylor also equal one process with batch 4 (it adds |·| over ranks, not Σ then |·|)."""
+    state = spawned["states"][name]
+    assert_same_run(state, criterion_run(name, 2, 2))
+    assert all(0 < int(k.sum()) < len(k) for key, k in state.items() if key.startswith("keep."))
+    for key in (k for k in state if k.startswith("scores.")):  # no tie for the masks to break
+        assert (state[key].sort().values.diff() > 0).all(), key
+    same_batch = criterion_run(name, 4, 1)
+    if name == "taylor":
+        assert not torch.allclose(state["scores.0"], same_batch["scores.0"], rtol=1e-3)
+    else:
+        assert_same_run(state, same_batch)
 
 
 def test_mask_fingerprint_tells_masks_apart():
