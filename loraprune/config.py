@@ -58,7 +58,7 @@ class LoraPruneConfig:
             units of all pruned layers together.
         round_to: keep MLP channel counts at multiples of this (GEMMs are slow on unaligned
             sizes); applied when masks are chosen, so the masked and compacted models agree.
-        ema_decay: λ of the moving average ``S ← λS + (1−λ)S_now``.
+        ema_decay: λ of the moving average ``S ← λS + (1−λ)S_now``, from ``S = 0``.
         squared: element importance ``(G⊙W')²`` instead of ``|G⊙W'|`` (``lora``, ``taylor``);
             for ``act`` its Fisher form, the per-sequence square. Meaningless for ``magnitude``
             and ``random`` (rejected).

@@ -9,7 +9,7 @@ and holds rank ``r`` afterwards.
 - Its importance is the first-order change of the loss when it is removed, from the gradients
   the step computes anyway: ``|Σᵢ (∂L/∂B)ᵢₖ Bᵢₖ + Σⱼ (∂L/∂A)ₖⱼ Aₖⱼ|``. Both sums equal
   ``s·B_{:,k}ᵀ (∂L/∂W) A_{k,:}ᵀ`` (dropout included), so the score is twice the first-order loss
-  change of zeroing the component. It is moving-averaged with the structure scores' λ (a step
+  change of zeroing the component. It is moving-averaged as the structure scores are (from zero; a step
   with NaN/Inf is skipped). The paper derives a Hessian-informed (second-order) mask with a
   recovery update of the kept components; this module implements the first-order gradient
   score above, without a recovery update.
