@@ -12,10 +12,17 @@ from Hugging Face's rotate-half layout to adjacent pairs, with each layer's own 
 ``key_length`` = ``value_length`` = ``rope.dimension_count`` = head_dim; scaled RoPE
 (``linear``, ``llama3``) becomes the per-frequency ``rope_freqs`` tensor; a tied output reuses
 ``token_embd``. What llama.cpp cannot compute the same way is refused before anything is written.
+
+Types: gguf-py writes f32, f16, bf16 and the legacy block types (q8_0, q4_0, q4_1, q5_0, q5_1);
+every other llama.cpp file type (the K-quants, IQ types) is written at full precision, then
+quantized by llama.cpp's own quantizer (``llama_model_quantize`` of llama-cpp-python), which
+chooses its per-tensor mix as it does for any model. A model read from a GGUF file records the
+file's type in its config (``gguf_source``): by default the export writes that type again.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -26,9 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# Written here with gguf-py; any other llama.cpp file type goes through llama.cpp's quantizer.
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# llama.cpp keeps the output matrix of these types at >= 6 bits (Q6_K, or Q8_0 when its rows are not
+# a multiple of 256); gguf-py cannot write Q6_K, so it is written Q8_0.
+LOW_BIT_OUTTYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
 ARCH = "deci"
-Q8_0_BLOCK = 32
+GGUF_SOURCE_KEY = "gguf_source"  # loraprune.sources records a GGUF input's type under this config key
 # Rope types whose frequencies are fixed per dimension (no attention factor, no dependence on length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 # Byte-level BPE pre-tokenizers llama.cpp knows: the Split regex of tokenizer.json -> tokenizer.ggml.pre.
@@ -46,7 +57,9 @@ class GGUFExport:
     path: Path
     outtype: str
     tensors: int
-    f16_fallback: tuple[str, ...]  # q8_0 only: tensors whose rows are not a multiple of 32, written f16
+    # block types written here: tensors whose rows are not a multiple of the block size, written f16
+    f16_fallback: tuple[str, ...]
+    note: str | None = None  # why ``outtype`` is not the type the model's GGUF source had
 
 
 @dataclass(frozen=True)
@@ -57,26 +70,36 @@ class Vocabulary:
 
 
 def export_gguf(
-    model_dir: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f16", overwrite: bool = False
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    outtype: str | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
 ) -> GGUFExport:
     """Write ``model_dir`` (a Hugging Face folder, pruned or dense) as a GGUF file that llama.cpp runs.
 
-    ``outtype``: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices (norms and ``rope_freqs``
-    stay f32). ``q8_0`` needs rows that are multiples of 32; a matrix whose rows are not (a pruned
-    ``down_proj``: prune with ``--round-to 32``) is written f16 and listed in ``f16_fallback``.
+    ``outtype``: the matrices' type (norms and ``rope_freqs`` stay f32): one of :data:`OUTTYPES`,
+    or another llama.cpp file type (``q4_k_m``, ``q6_k``, ...) that llama-cpp-python's quantizer
+    writes. Default: the type of the GGUF file the model was read from (``gguf_source`` in its
+    config), else ``f16``; where that type needs llama-cpp-python and it is not installed, ``q8_0``
+    is written and ``note`` says why. The block types need rows that are multiples of 32; a
+    matrix whose rows are not (a pruned ``down_proj``: prune with ``--round-to 32``) is written
+    f16 and listed in ``f16_fallback``. ``name``: ``general.name`` (default: the folder's name).
     Bad input raises before anything is written; the file appears complete or not at all.
     """
     gguf = _import_gguf()
     from loraprune.io import check_model_dir, load_model
     from loraprune.structures import decoder_layers, head_dim, layer_shape
 
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    out = _check_out(out, overwrite)
     path = check_model_dir(model_dir)
     config = json.loads((path / "config.json").read_text())
+    outtype, note = _choose_outtype(gguf, outtype, config)
+    out = check_out(out, outtype, overwrite)
     _check_config(config)
     vocab = read_vocabulary(path, config["vocab_size"])
+    # llama.cpp quantizes from a full-precision file in the model's own precision
+    written = outtype if outtype in OUTTYPES else _FULL_PRECISION[_saved_dtype(config)]
 
     model = load_model(path, dtype=_saved_dtype(config)).eval()
     layers = range(len(decoder_layers(model)))
@@ -88,13 +111,15 @@ def export_gguf(
     tensors = _gguf_tensors(model, gguf, len(shapes), shapes, tied)
     if rope_freqs is not None:
         tensors["rope_freqs.weight"] = rope_freqs
+    output_name = "token_embd.weight" if tied else "output.weight"
 
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    quantized = None
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        writer.add_name(path.resolve().name)
-        writer.add_file_type(_FILE_TYPES[outtype](gguf))
+        writer.add_name(name or path.resolve().name)
+        writer.add_file_type(_file_type(gguf, written))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_context_length(_context_length(hf_config))
         writer.add_embedding_length(hf_config.hidden_size)
@@ -114,21 +139,28 @@ def export_gguf(
         writer.add_token_types(vocab.token_types)
         gguf.SpecialVocab(path, load_merges=True, n_vocab=config["vocab_size"]).add_to_gguf(writer)
         fallback = []
-        for name, array in tensors.items():
-            data, raw_dtype = _encode(gguf, array, outtype)
-            if outtype == "q8_0" and array.ndim == 2 and raw_dtype != gguf.GGMLQuantizationType.Q8_0:
-                fallback.append(name)
-            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        for tensor_name, array in tensors.items():
+            tensor_type = "q8_0" if written in LOW_BIT_OUTTYPES and tensor_name == output_name else written
+            data, raw_dtype = _encode(gguf, array, tensor_type)
+            if array.ndim == 2 and raw_dtype.name.lower() != tensor_type:
+                fallback.append(tensor_name)
+            writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if written != outtype:
+            quantized = tmp + ".quantized"
+            _llama_cpp_quantize(tmp, quantized, _file_type(gguf, outtype))
+            os.replace(quantized, tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> an ordinary file's mode
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if quantized is not None:
+            Path(quantized).unlink(missing_ok=True)
         raise
-    return GGUFExport(out, outtype, len(tensors), tuple(fallback))
+    return GGUFExport(out, outtype, len(tensors), tuple(fallback), note)
 
 
 def _import_gguf():
@@ -147,7 +179,25 @@ def _umask() -> int:
     return mask
 
 
-def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+def outtype_of(file_type: str) -> str:
+    """The outtype of a llama.cpp file type name: ``MOSTLY_Q4_K_M`` -> ``q4_k_m``, ``ALL_F32`` -> ``f32``."""
+    return file_type.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def llama_cpp_outtypes(gguf) -> tuple[str, ...]:
+    """The llama.cpp file types written through its quantizer: every one gguf-py cannot write."""
+    names = (outtype_of(t.name) for t in gguf.LlamaFileType)
+    return tuple(n for n in names if n not in OUTTYPES and n != "guessed")
+
+
+def check_out(out: str | os.PathLike, outtype: str | None, overwrite: bool) -> Path:
+    """The checked output path (``outtype`` too unless ``None``), before a model is read."""
+    quantizer_types = llama_cpp_outtypes(_import_gguf())
+    if outtype is not None and outtype not in OUTTYPES + quantizer_types:
+        raise ValueError(
+            f"outtype must be one of {', '.join(OUTTYPES)} (written here), or a llama.cpp type written by "
+            f"its quantizer ({', '.join(quantizer_types)}); got {outtype!r}"
+        )
     out = Path(out)
     if out.is_dir():
         raise IsADirectoryError(f"out: {out} is a directory; give the .gguf file to write")
@@ -156,6 +206,43 @@ def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"out: {out} exists (overwrite=True, --overwrite, replaces it)")
     return out
+
+
+def _choose_outtype(gguf, outtype: str | None, config: dict) -> tuple[str, str | None]:
+    """The type to write and, where it differs from the GGUF source's, why."""
+    source = config.get(GGUF_SOURCE_KEY) or {}
+    if outtype is None:
+        source_type = source.get("file_type", "")
+        outtype = outtype_of(source_type) or "f16"
+        if outtype not in OUTTYPES + llama_cpp_outtypes(gguf):
+            return "f16", f"the source's type {source_type} is not one llama.cpp writes; wrote f16"
+        if outtype not in OUTTYPES and not _has_llama_cpp():
+            return "q8_0", (
+                f"the source was {outtype}, which llama.cpp's quantizer writes: pip install llama-cpp-python "
+                f"for it (or quantize this file with llama.cpp's llama-quantize); wrote q8_0"
+            )
+    elif outtype not in OUTTYPES and outtype in llama_cpp_outtypes(gguf) and not _has_llama_cpp():
+        raise ImportError(
+            f"outtype {outtype} is written by llama.cpp's quantizer: pip install llama-cpp-python "
+            f"(or export {', '.join(OUTTYPES)} here)"
+        )
+    return outtype, None
+
+
+def _has_llama_cpp() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama_cpp_quantize(source: str, out: str, file_type: int) -> None:
+    """llama.cpp's own quantizer (it picks the per-tensor types of ``file_type`` as for any model)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type
+    if llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed writing {out} (its log above says why)")
 
 
 def _saved_dtype(config: dict) -> str:
@@ -264,23 +351,25 @@ def _gguf_tensors(model: nn.Module, gguf, num_layers: int, shapes: list, tied: b
 
 
 def _encode(gguf, array: np.ndarray, outtype: str):
-    """The bytes/array to write and its GGML type: norms and 1-D tensors stay f32."""
+    """The bytes/array to write and its GGML type: norms and 1-D tensors stay f32, block types need
+    rows that are a multiple of the block (else f16)."""
     types = gguf.GGMLQuantizationType
     if array.ndim < 2 or outtype == "f32":
         return array.astype(np.float32), types.F32
-    if outtype == "q8_0" and array.shape[-1] % Q8_0_BLOCK == 0:
-        return gguf.quants.quantize(array, types.Q8_0), types.Q8_0
-    if outtype == "bf16":
-        return gguf.quants.quantize(array, types.BF16), types.BF16
-    return array.astype(np.float16), types.F16
+    if outtype == "f16":
+        return array.astype(np.float16), types.F16
+    ggml_type = types[outtype.upper()]
+    if array.shape[-1] % gguf.GGML_QUANT_SIZES[ggml_type][0]:
+        return array.astype(np.float16), types.F16
+    return gguf.quants.quantize(array, ggml_type), ggml_type
 
 
-_FILE_TYPES = {
-    "f32": lambda gguf: gguf.LlamaFileType.ALL_F32,
-    "f16": lambda gguf: gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": lambda gguf: gguf.LlamaFileType.MOSTLY_BF16,
-    "q8_0": lambda gguf: gguf.LlamaFileType.MOSTLY_Q8_0,
-}
+_FULL_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _file_type(gguf, outtype: str) -> int:
+    """llama.cpp's ``general.file_type`` of ``outtype`` (``f32`` is ALL_F32, ``q4_k_m`` MOSTLY_Q4_K_M)."""
+    return gguf.LlamaFileType["ALL_F32" if outtype == "f32" else f"MOSTLY_{outtype.upper()}"]
 
 
 def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
