@@ -63,6 +63,15 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"must be comma-separated layer indices, got {text!r}") from None
 
 
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_dir",
+        metavar="MODEL",
+        help="a Hugging Face folder, a Hub id (org/name: from the cache, or downloaded) or a .gguf file",
+    )
+    parser.add_argument("--revision", default=None, help="with a Hub id: a branch, tag or commit")
+
+
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument(
@@ -82,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     prune = commands.add_parser("prune", help="prune a checkpoint while LoRA fine-tunes, then compact it")
-    prune.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    _add_model_argument(prune)
     prune.add_argument(
         "--data",
         required=True,
@@ -219,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(prune)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
-    evaluate.add_argument("model_dir", metavar="MODEL_DIR")
+    _add_model_argument(evaluate)
     evaluate.add_argument("--data", required=True, help="text file (or directory of *.txt)")
     evaluate.add_argument("--seq-len", type=_positive_int, default=512)
     evaluate.add_argument("--max-windows", type=_positive_int, default=None)
@@ -231,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_flags(evaluate)
 
     info = commands.add_parser("info", help="per-layer structure of a checkpoint")
-    info.add_argument("model_dir", metavar="MODEL_DIR")
+    _add_model_argument(info)
     info.add_argument("--json", action="store_true")
 
     export = commands.add_parser("export", help="write a checkpoint for a serving engine")
@@ -239,13 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     gguf = formats.add_parser(
         "gguf", help="GGUF for llama.cpp (its deci architecture: per-layer head and channel counts)"
     )
-    gguf.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    _add_model_argument(gguf)
     gguf.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write")
     gguf.add_argument(
         "--outtype",
-        default="f16",
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="matrix type (norms stay f32); q8_0 writes f16 where rows are not a multiple of 32",
+        default=None,
+        help="matrix type (norms stay f32): f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a llama.cpp type "
+        "such as q4_k_m (through llama-cpp-python's quantizer); block types write f16 where rows are not "
+        "a multiple of 32 (default: the type of the GGUF file the model came from, else f16)",
     )
     gguf.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
     return parser
@@ -280,7 +290,14 @@ def _flagify(message: str, parser: argparse.ArgumentParser, command: str) -> str
     a parenthesis or a ``;``-separated item starts with them, so that ordinary words stay words.
     """
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    for action in sub._actions:
+    nested = [  # export's formats (export gguf --outtype)
+        action
+        for group in sub._actions
+        if isinstance(group, argparse._SubParsersAction)
+        for format_parser in group.choices.values()
+        for action in format_parser._actions
+    ]
+    for action in sub._actions + nested:
         if action.option_strings and action.dest != "help":
             flag = max(action.option_strings, key=len)
             pattern = (
@@ -289,7 +306,7 @@ def _flagify(message: str, parser: argparse.ArgumentParser, command: str) -> str
                 else rf"(?:^|(?<=\()|(?<=; )){action.dest}\b"
             )
             message = re.sub(pattern, flag, message)
-    return re.sub(r"(?<![\w-])model_dir\b", "MODEL_DIR", message)
+    return re.sub(r"(?<![\w-])model_dir\b", "MODEL", message)
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -302,29 +319,40 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
     return device, dtype
 
 
+def _resolve(args: argparse.Namespace):
+    """MODEL as a folder, a Hub snapshot or a GGUF file (checked; a Hub id is fetched if not cached)."""
+    from loraprune.sources import resolve_model
+
+    return resolve_model(args.model_dir, args.revision)
+
+
 def _load(
-    model_dir: str,
+    source,
     device: torch.device,
     dtype: torch.dtype,
     quantize_base: str | None = None,
     device_map: str | dict | None = None,
 ):
-    from loraprune.io import check_model_dir, load_model, load_tokenizer
+    from loraprune.io import load_model, load_tokenizer
+    from loraprune.sources import load_gguf, model_folder
 
-    check_model_dir(model_dir, "MODEL_DIR")
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer is None:
-        raise CliError(f"MODEL_DIR: {model_dir} has no tokenizer (save one with the model)")
-    if device_map is not None:
-        from loraprune.device_map import load_dispatched_model
+    if source.kind == "gguf" and quantize_base is None:
+        model, tokenizer = load_gguf(source.path, dtype)
+        return model.to(device), tokenizer
+    with model_folder(source, dtype) as model_dir:  # a GGUF file is quantized from a dequantized folder
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer is None:
+            raise CliError(f"MODEL: {source.name} has no tokenizer (save one with the model)")
+        if device_map is not None:
+            from loraprune.device_map import load_dispatched_model
 
-        model = load_dispatched_model(model_dir, device_map, dtype=dtype, quantize_base=quantize_base)
-        return model, tokenizer
-    if quantize_base is None:
-        return load_model(model_dir, dtype=dtype, device=device), tokenizer
-    from loraprune.quantization import load_quantized_model
+            model = load_dispatched_model(model_dir, device_map, dtype=dtype, quantize_base=quantize_base)
+            return model, tokenizer
+        if quantize_base is None:
+            return load_model(model_dir, dtype=dtype, device=device), tokenizer
+        from loraprune.quantization import load_quantized_model
 
-    return load_quantized_model(model_dir, quantize_base, dtype=dtype, device=device), tokenizer
+        return load_quantized_model(model_dir, quantize_base, dtype=dtype, device=device), tokenizer
 
 
 def _prepare_out_dir(args: argparse.Namespace) -> Path:
@@ -354,7 +382,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data_parallel = _join_data_parallel(args, device)
     if data_parallel is not None and device.type == "cuda":
         device = torch.device("cuda", data_parallel.local_rank)
-    device_map = _device_map(args, data_parallel)
+    source = _resolve(args)
+    device_map = _device_map(args, data_parallel, source)
     prune_config = LoraPruneConfig(
         ratio=args.ratio,
         criterion=args.criterion,
@@ -393,7 +422,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for path in args.eval_data:
         if not Path(path).exists():
             raise CliError(f"--eval-data: {path} does not exist")
-    model, tokenizer = _load(args.model_dir, device, dtype, args.quantize_base, device_map)
+    model, tokenizer = _load(source, device, dtype, args.quantize_base, device_map)
     token_windows = windows(tokenize(tokenizer, read_text(args.data, "--data")), args.seq_len, "--data")
     amp_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
     run_class = PruningRun
@@ -433,6 +462,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
     )
     report["processes"] = 1 if data_parallel is None else data_parallel.world_size
+    report["model_source"] = source.to_dict()
     if lora_rank is not None:
         report["lora_rank"] = lora_rank
     from loraprune.io import atomic_write_text
@@ -462,17 +492,20 @@ def _rank_report(run, summary) -> dict | None:
     }
 
 
-def _device_map(args: argparse.Namespace, data_parallel) -> str | dict | None:
+def _device_map(args: argparse.Namespace, data_parallel, source) -> str | dict | None:
     """The checked ``--device-map`` (before anything is loaded or written)."""
     if args.device_map is None:
         return None
     if data_parallel is not None:
         raise CliError("--device-map: one process over several devices cannot also run under torchrun")
+    if source.kind == "gguf":
+        raise CliError(
+            "--device-map: a GGUF MODEL is dequantized in this process's memory, not dispatched from "
+            "disk; give the Hugging Face folder or Hub id of the model"
+        )
     from loraprune.device_map import parse_device_map
-    from loraprune.io import check_model_dir
 
-    check_model_dir(args.model_dir, "MODEL_DIR")
-    return parse_device_map(args.device_map, args.model_dir, "--device-map")
+    return parse_device_map(args.device_map, source.path, "--device-map")
 
 
 def _join_data_parallel(args: argparse.Namespace, device: torch.device):
@@ -564,7 +597,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device, dtype = _device_and_dtype(args)
     read_text(args.data, "--data")  # fail on a bad path before loading the model
-    model, tokenizer = _load(args.model_dir, device, dtype)
+    model, tokenizer = _load(_resolve(args), device, dtype)
     result = _perplexity(
         model, tokenizer, args.data, args.seq_len, args.max_windows, args.batch_size, args.quiet
     )
@@ -584,13 +617,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from loraprune.io import check_model_dir
-    from loraprune.structures import layer_shape
-
-    path = check_model_dir(args.model_dir, "MODEL_DIR")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    from loraprune.sources import gguf_config
+    from loraprune.structures import layer_shape
+
+    source = _resolve(args)
+    config = gguf_config(source.path) if source.kind == "gguf" else AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):  # shapes and counts only: no weights are read
         model = AutoModelForCausalLM.from_config(config)
     rows = []
@@ -615,7 +648,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "model": str(path),
+                    "model": source.name,
+                    "source": source.to_dict(),
                     "model_type": config.model_type,
                     "parameters": total,
                     "layers": rows,
@@ -624,7 +658,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"{path}  ({config.model_type}, head_dim {shape.head_dim}, {total:,} parameters)")
+    print(f"{source.name}  ({config.model_type}, head_dim {shape.head_dim}, {total:,} parameters)")
     print(f"{'layer':>5} {'heads':>6} {'kv':>4} {'channels':>9} {'parameters':>12}")
     for row in rows:
         print(
@@ -637,13 +671,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from loraprune.export import export_gguf
+    from loraprune.export.gguf import check_out
+    from loraprune.sources import model_folder
 
-    result = export_gguf(args.model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite)
+    check_out(args.out, args.outtype, args.overwrite)  # before a GGUF MODEL is dequantized
+    source = _resolve(args)
+    with model_folder(source, "float32") as model_dir:
+        result = export_gguf(
+            model_dir, args.out, outtype=args.outtype, overwrite=args.overwrite, name=source.label
+        )
+    if result.note:
+        print(f"loraprune export: {result.note}", file=sys.stderr)
     print(f"wrote {result.path} ({result.outtype}, {result.tensors} tensors)")
     if result.f16_fallback:
         print(
             f"{len(result.f16_fallback)} matrices written f16, their rows not a multiple of 32 "
-            f"(prune with --round-to 32 for all-q8_0): {', '.join(result.f16_fallback)}",
+            f"(prune with --round-to 32 for all-{result.outtype}): {', '.join(result.f16_fallback)}",
             file=sys.stderr,
         )
     return 0

@@ -151,7 +151,7 @@ def gpt2_dir(tmp_path):
 
 # case: (command line after the defaults, which a later flag overrides; the flag the error must name)
 BAD_INPUTS = {
-    "missing model": (lambda p: ["prune", p["missing"], "--data", p["data"]], "MODEL_DIR"),
+    "missing model": (lambda p: ["prune", p["missing"], "--data", p["data"]], "MODEL:"),
     "missing data": (lambda p: ["prune", p["model"], "--data", p["missing"]], "--data"),
     "data too short": (lambda p: ["prune", p["model"], "--data", p["short"]], "--data"),
     "ratio 1": (lambda p: ["prune", p["model"], "--data", p["data"], "--ratio", "1.0"], "--ratio"),
@@ -160,7 +160,7 @@ BAD_INPUTS = {
         lambda p: ["prune", p["model"], "--data", p["data"], "--prune-every", "10"],
         "--prune-every",
     ),
-    "unsupported architecture": (lambda p: ["prune", p["gpt2"], "--data", p["data"]], "MODEL_DIR"),
+    "unsupported architecture": (lambda p: ["prune", p["gpt2"], "--data", p["data"]], "MODEL:"),
     "cuda without a gpu": (
         lambda p: ["prune", p["model"], "--data", p["data"], "--device", "cuda"],
         "--device",
@@ -175,7 +175,7 @@ BAD_INPUTS = {
         "--resume",
     ),
     "eval missing data": (lambda p: ["eval", p["model"], "--data", p["missing"]], "--data"),
-    "eval missing model": (lambda p: ["eval", p["missing"], "--data", p["data"]], "MODEL_DIR"),
+    "eval missing model": (lambda p: ["eval", p["missing"], "--data", p["data"]], "MODEL:"),
 }
 
 

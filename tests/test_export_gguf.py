@@ -364,4 +364,4 @@ def test_cli_export_gguf(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "--overwrite" in error
     assert main(["export", "gguf", str(tmp_path / "missing"), str(tmp_path / "x.gguf")]) == 2
-    assert "MODEL_DIR" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    assert "MODEL: " in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
