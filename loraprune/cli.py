@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-batches", type=_positive_int, default=8, help="scoring batches in oneshot mode"
     )
     prune.add_argument(
+        "--calib-seq-len",
+        type=_positive_int,
+        default=None,
+        help="oneshot: score on the first N tokens of each calibration window (default: --seq-len; "
+        "LLM-Pruner's recipe scores 10 samples of 128 tokens)",
+    )
+    prune.add_argument(
         "--round-to", type=_positive_int, default=1, help="keep MLP channel counts at multiples"
     )
     prune.add_argument("--ranking", default="local", choices=["local", "global"])
@@ -417,6 +424,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         cooldown=args.cooldown,
         mode=args.mode,
         calib_batches=args.calib_batches,
+        calib_seq_len=args.calib_seq_len,
         save_every=args.save_every,
     )
     for path in args.eval_data:

@@ -123,6 +123,7 @@ class RunConfig:
     cooldown: float = 0.1
     mode: str = "iterative"
     calib_batches: int = 8
+    calib_seq_len: int | None = None  # oneshot: tokens of each calibration window (None: seq_len)
     save_every: int = 50
 
     def __post_init__(self) -> None:
@@ -131,6 +132,12 @@ class RunConfig:
         )
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.calib_seq_len is not None and not (
+            isinstance(self.calib_seq_len, int) and 2 <= self.calib_seq_len <= self.seq_len
+        ):
+            raise ValueError(
+                f"calib_seq_len must be an integer from 2 to seq_len ({self.seq_len}), got {self.calib_seq_len!r}"
+            )
         if not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 (0: never), got {self.save_every!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -239,9 +246,10 @@ class PruningRun:
             return self.prune_config.ratio
         return self.schedule.ratio_after(self.step, self.prune_config.ratio)
 
-    def _backward(self, batch_index: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its (unscaled, undivided) loss on the device."""
-        batch = self.sampler.batch(batch_index).to(self.device)
+    def _backward(self, batch_index: int, length: int | None = None) -> torch.Tensor:
+        """Forward and backward of one micro-batch (its first ``length`` tokens); returns its
+        (unscaled, undivided) loss on the device."""
+        batch = self.sampler.batch(batch_index)[:, :length].to(self.device)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
@@ -254,7 +262,7 @@ class PruningRun:
         """One-shot scoring: importance over ``calib_batches`` batches, then prune to the target."""
         self.model.train()
         for index in range(self.run_config.calib_batches):
-            self._backward(index)
+            self._backward(index, self.run_config.calib_seq_len)
             self.scaler.unscale_(self.optimizer)
             self.pruner.update_scores()
             self.model.zero_grad(set_to_none=True)

@@ -156,3 +156,30 @@ def test_tokenizer_saved_by_a_newer_transformers_still_loads(tiny_llama_dir, tmp
         tokenizer(text, add_special_tokens=False)["input_ids"] == expected and tokenizer.eos_token == "</s>"
     )
     assert loraprune.io.load_tokenizer(tmp_path / "missing") is None
+
+
+def test_oneshot_calibration_reads_the_first_calib_seq_len_tokens_of_each_window():
+    # LLM-Pruner calibrates on short samples (10 of 128 tokens) while recovery trains on longer ones.
+    data = random_tokens(batch=16, length=10, seed=7)
+
+    def masks_after_calibration(windows: torch.Tensor, **run_config) -> list[torch.Tensor]:
+        run = PruningRun(
+            tiny_model(),
+            windows,
+            LoraPruneConfig(layers=(0, 1, 2), lora_dropout=0.0, ratio=0.5),
+            RunConfig(
+                steps=1, batch_size=2, seq_len=windows.shape[1], mode="oneshot", save_every=0, **run_config
+            ),
+            progress=False,
+        )
+        run.run(stop_after=1)
+        return [keep.clone() for keep in run.pruner.keep]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    short = masks_after_calibration(data, calib_batches=3, calib_seq_len=4)
+    assert same(short, masks_after_calibration(data[:, :4], calib_batches=3))
+    assert not same(short, masks_after_calibration(data, calib_batches=3))
+    with pytest.raises(ValueError, match="calib_seq_len must be an integer from 2 to seq_len"):
+        RunConfig(seq_len=10, calib_seq_len=11)
