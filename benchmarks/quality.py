@@ -12,7 +12,11 @@ schedule, ratio and seed change. Methods (``--methods``):
 - ``act``: structure-level first-order Taylor from activations.
 - ``magnitude``, ``random``: baselines.
   All of these prune iteratively (LoRAPrune's cubic schedule while fine-tuning).
-- ``taylor-oneshot``: LLM-Pruner's recipe (score on calibration batches, prune, fine-tune).
+- ``taylor-oneshot``: one-shot Taylor (score on 8 calibration batches of the budget's shape, prune,
+  fine-tune); ``llm-pruner``: LLM-Pruner's recipe pinned (10 calibration samples of 128 tokens, in
+  batches of the budget's batch size, each scored and averaged by the moving average where the
+  official code takes one batch of 10).
+- ``taylor-long-cooldown``: ``taylor`` with a 5% warm-up and a 50% cool-down.
 - ``finetune``: the same LoRA fine-tuning without pruning (ratio 0): the reference for the
   damage pruning does, since fine-tuning alone moves perplexity.
 - ``dense``: the untouched fixture (``loraprune eval`` only).
@@ -44,6 +48,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -68,7 +73,13 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "magnitude": ("magnitude", "iterative", ()),
     "random": ("random", "iterative", ()),
     "taylor-oneshot": ("taylor", "oneshot", ("--taylor-impl", "fused")),
+    # LLM-Pruner's recipe: first-order Taylor scored once on 10 samples of 128 tokens, pruned, then
+    # the same LoRA recovery (the calibration batches follow the budget's batch size)
+    "llm-pruner": ("taylor", "oneshot", ("--calib-seq-len", "128")),
+    # the schedule measured best at 128-token windows in shared/notes/real-model.md
+    "taylor-long-cooldown": ("taylor", "iterative", ("--warmup", "0.05", "--cooldown", "0.5")),
 }
+LLM_PRUNER_SAMPLES = 10
 FINETUNE = "finetune"  # lora at ratio 0: fine-tuning alone
 REFERENCE = "dense"
 FIXTURES = {"tiny-llama": ("fixtures", "tiny-llama"), "tiny-llama-gqa": ("fixtures", "tiny-llama-gqa")}
@@ -289,6 +300,8 @@ class QualityRun:
         first_seq_len, first_windows = self.protocols[0]
         if not (out / REPORT_NAME).exists():
             criterion, mode, extra = METHODS.get(method, ("lora", "iterative", ()))
+            if method == "llm-pruner":
+                extra = (*extra, "--calib-batches", str(math.ceil(LLM_PRUNER_SAMPLES / budget.batch_size)))
             command = [
                 *("prune", str(model), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
                 *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *extra),
