@@ -1,4 +1,4 @@
-"""loraprune: LoRA-guided structured pruning of LLaMA-family models.
+"""loraprune: structured pruning of LLaMA-family models while LoRA fine-tunes them (LoRAPrune).
 
 ``import loraprune`` registers the pruned model classes with transformers' Auto classes, so a
 pruned checkpoint loads with ``AutoModelForCausalLM.from_pretrained``.

@@ -86,7 +86,8 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="loraprune",
-        description="LoRA-guided structured pruning of LLaMA-family models (LoRAPrune), with fused kernels.",
+        description="Structured pruning of LLaMA-family models while LoRA fine-tunes them (LoRAPrune), "
+        "with fused kernels.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
