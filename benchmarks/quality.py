@@ -5,7 +5,7 @@ Every configuration prunes a model through the ``loraprune`` command line (one s
 command) with the same calibration text, steps, batch and learning rate; only the criterion,
 schedule, ratio and seed change. Methods (``--methods``):
 
-- ``lora``, ``lora-squared``: LoRAPrune's estimate (``--squared``: the paper's squared form).
+- ``lora``, ``lora-squared``: LoRAPrune's estimate (``--squared``: its squared form).
 - ``taylor``, ``taylor-materialized``: first-order Taylor of the weights, fused (no weight
   gradient, the default) and from the materialised weight gradients (equal by test at
   ``--grad-accum 1``: run one of them).
