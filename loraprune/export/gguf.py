@@ -151,7 +151,7 @@ def export_gguf(
         writer.close()
         if written != outtype:
             quantized = tmp + ".quantized"
-            _llama_cpp_quantize(tmp, quantized, _file_type(gguf, outtype))
+            _llama_cpp_quantize(gguf, tmp, quantized, outtype)
             os.replace(quantized, tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> an ordinary file's mode
         os.replace(tmp, out)
@@ -191,12 +191,17 @@ def llama_cpp_outtypes(gguf) -> tuple[str, ...]:
 
 
 def check_out(out: str | os.PathLike, outtype: str | None, overwrite: bool) -> Path:
-    """The checked output path (``outtype`` too unless ``None``), before a model is read."""
+    """The checked output path, and ``outtype`` unless ``None`` (with what writing it needs)."""
     quantizer_types = llama_cpp_outtypes(_import_gguf())
     if outtype is not None and outtype not in OUTTYPES + quantizer_types:
         raise ValueError(
             f"outtype must be one of {', '.join(OUTTYPES)} (written here), or a llama.cpp type written by "
             f"its quantizer ({', '.join(quantizer_types)}); got {outtype!r}"
+        )
+    if outtype in quantizer_types and not _has_llama_cpp():
+        raise ImportError(
+            f"outtype {outtype} is written by llama.cpp's quantizer: pip install llama-cpp-python "
+            f"(or export {', '.join(OUTTYPES)} here)"
         )
     out = Path(out)
     if out.is_dir():
@@ -209,22 +214,17 @@ def check_out(out: str | os.PathLike, outtype: str | None, overwrite: bool) -> P
 
 
 def _choose_outtype(gguf, outtype: str | None, config: dict) -> tuple[str, str | None]:
-    """The type to write and, where it differs from the GGUF source's, why."""
-    source = config.get(GGUF_SOURCE_KEY) or {}
-    if outtype is None:
-        source_type = source.get("file_type", "")
-        outtype = outtype_of(source_type) or "f16"
-        if outtype not in OUTTYPES + llama_cpp_outtypes(gguf):
-            return "f16", f"the source's type {source_type} is not one llama.cpp writes; wrote f16"
-        if outtype not in OUTTYPES and not _has_llama_cpp():
-            return "q8_0", (
-                f"the source was {outtype}, which llama.cpp's quantizer writes: pip install llama-cpp-python "
-                f"for it (or quantize this file with llama.cpp's llama-quantize); wrote q8_0"
-            )
-    elif outtype not in OUTTYPES and outtype in llama_cpp_outtypes(gguf) and not _has_llama_cpp():
-        raise ImportError(
-            f"outtype {outtype} is written by llama.cpp's quantizer: pip install llama-cpp-python "
-            f"(or export {', '.join(OUTTYPES)} here)"
+    """The type to write (by default the GGUF source's, else f16) and, where it is not the source's, why."""
+    if outtype is not None:
+        return outtype, None
+    source_type = (config.get(GGUF_SOURCE_KEY) or {}).get("file_type", "")
+    outtype = outtype_of(source_type) or "f16"
+    if outtype not in OUTTYPES + llama_cpp_outtypes(gguf):
+        return "f16", f"the source's type {source_type} is not one llama.cpp writes; wrote f16"
+    if outtype not in OUTTYPES and not _has_llama_cpp():
+        return "q8_0", (
+            f"the source was {outtype}, which llama.cpp's quantizer writes: pip install llama-cpp-python "
+            f"for it (or quantize this file with llama.cpp's llama-quantize); wrote q8_0"
         )
     return outtype, None
 
@@ -233,16 +233,18 @@ def _has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _llama_cpp_quantize(source: str, out: str, file_type: int) -> None:
-    """llama.cpp's own quantizer (it picks the per-tensor types of ``file_type`` as for any model)."""
+def _llama_cpp_quantize(gguf, source: str, out: str, outtype: str) -> None:
+    """llama.cpp's own quantizer (it picks the per-tensor types of ``outtype`` as for any model)."""
     import ctypes
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = file_type
+    params.ftype = _file_type(gguf, outtype)
     if llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama.cpp's quantizer failed writing {out} (its log above says why)")
+        raise ValueError(
+            f"outtype {outtype}: llama.cpp's quantizer refused the file (its log above says why)"
+        )
 
 
 def _saved_dtype(config: dict) -> str:
@@ -369,7 +371,7 @@ _FULL_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 def _file_type(gguf, outtype: str) -> int:
     """llama.cpp's ``general.file_type`` of ``outtype`` (``f32`` is ALL_F32, ``q4_k_m`` MOSTLY_Q4_K_M)."""
-    return gguf.LlamaFileType["ALL_F32" if outtype == "f32" else f"MOSTLY_{outtype.upper()}"]
+    return int(gguf.LlamaFileType["ALL_F32" if outtype == "f32" else f"MOSTLY_{outtype.upper()}"])
 
 
 def read_vocabulary(model_dir: Path, vocab_size: int) -> Vocabulary:
