@@ -448,6 +448,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     dense_parameters, _ = run.pruner.parameter_counts()
+    for note in run.pruner.unreachable_ratio_notes():
+        print(f"loraprune prune: warning: --{note}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)  # everything is validated: OUT_DIR may be written from here on
     if args.resume:
         run.load_checkpoint()
@@ -470,6 +472,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = _prune_report(
         args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
     )
+    report["masked_fractions"] = run.pruner.masked_fractions()  # the ratio reached, per kind of unit
     report["processes"] = 1 if data_parallel is None else data_parallel.world_size
     report["model_source"] = source.to_dict()
     if lora_rank is not None:

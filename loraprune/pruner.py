@@ -136,6 +136,32 @@ class LoraPruner:
             for g, k in zip(self.groups, self.keep, strict=True)
         ]
 
+    def masked_fractions(self, ratio: float | None = None) -> dict[str, float]:
+        """Fraction of the pruned layers' units masked per kind (``attention``, ``mlp``): now, or
+        what the exact per-layer counts reach at ``ratio`` (with 3 KV groups a layer, 0.5 masks 2)."""
+        totals: dict[str, list[int]] = {}
+        for group, keep in zip(self.groups, self.keep, strict=True):
+            masked = int((~keep).sum()) if ratio is None else prune_count(group, ratio)
+            total = totals.setdefault(group.kind, [0, 0])
+            total[0] += masked
+            total[1] += group.num_units
+        return {kind: masked / units for kind, (masked, units) in totals.items()}
+
+    def unreachable_ratio_notes(self, tolerance: float = 0.05) -> list[str]:
+        """One line per kind whose exact per-layer counts miss the config's ratio by more than
+        ``tolerance``, naming the unit counts (e.g. ``--gqa-unit kv_group`` with few KV groups)."""
+        ratio, notes = self.config.ratio, []
+        for kind, reached in self.masked_fractions(ratio).items():
+            if abs(reached - ratio) <= tolerance:
+                continue
+            counts = sorted({(g.num_units, prune_count(g, ratio)) for g in self.groups if g.kind == kind})
+            per_layer = ", ".join(f"{masked} of {units}" for units, masked in counts)
+            notes.append(
+                f"ratio {ratio:g} masks {reached:.1%} of the {kind} units: each pruned layer loses "
+                f"{per_layer} (floor(ratio·n + 1/2) per layer, at least one kept)"
+            )
+        return notes
+
     def parameter_counts(self) -> tuple[int, int]:
         """(dense, kept) parameter counts of the base model, LoRA factors excluded."""
         return count_parameters(self.model)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import shared_path
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -68,6 +69,7 @@ def test_prune_each_criterion_gives_a_loadable_model_at_the_ratio(paths, tmp_pat
     assert [(g["kept"], g["total"]) for g in report["groups"]] == [(3, 6), (512, 1024)] * 5
     assert [(layer["heads"], layer["channels"]) for layer in report["layers"]] == [(3, 512)] * 5 + [(6, 1024)]
     assert report["parameters"]["after"] < report["parameters"]["before"] == 16_913_280
+    assert report["masked_fractions"] == {"attention": 0.5, "mlp": 0.5}
     assert report["final_loss"] > 0 and report["wall_time_s"] > 0 and report["peak_memory_bytes"] > 0
     assert not (out / "checkpoint.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -202,3 +204,11 @@ def test_existing_out_dir_is_left_untouched(paths, tmp_path, capsys):
     assert prune(paths, out) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_ratio_the_kv_groups_cannot_reach_is_warned_with_the_counts(paths, tmp_path, capsys):
+    gqa = str(shared_path("fixtures", "tiny-llama-gqa"))  # 3 KV groups a layer
+    args = ["prune", gqa, "--data", paths["data"], "--out", str(tmp_path / "out"), *RUN, "--stop-after", "1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: --ratio 0.5 masks 66.7% of the attention units: each pruned layer loses 2 of 3" in err

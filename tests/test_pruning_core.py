@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from tiny_models import CONFIGS, random_tokens, randomize_lora, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import loraprune
 from loraprune import LoraPruneConfig, LoraPruneLinear, LoraPruner, compact, patch_model, unpatch_model
@@ -106,6 +106,24 @@ def test_final_ratio_is_exact(name, ratio):
         assert status.total - status.kept == prune_count(group, ratio)
     dense, kept = pruner.parameter_counts()
     assert kept < dense or ratio == 0
+
+
+def test_a_ratio_the_per_layer_counts_cannot_reach_is_named():
+    # SmolLM2's shape: 3 KV groups a layer, so 0.5 masks 2 of 3 (67% of attention), not half.
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+    )
+    pruner = LoraPruner(LlamaForCausalLM(config), LoraPruneConfig(ratio=0.5, layers=(0, 1)))
+    assert pruner.masked_fractions() == {"attention": 0.0, "mlp": 0.0}
+    assert pruner.masked_fractions(0.5) == {"attention": pytest.approx(2 / 3), "mlp": 0.5}
+    (note,) = pruner.unreachable_ratio_notes()
+    assert note.startswith("ratio 0.5 masks 66.7% of the attention units: each pruned layer loses 2 of 3")
+    assert LoraPruner(tiny_model(), LoraPruneConfig(ratio=0.5)).unreachable_ratio_notes() == []
 
 
 def test_tiny_llama_half_ratio_keeps_half_the_heads_and_channels(tiny_llama_dir):
