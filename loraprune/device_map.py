@@ -90,9 +90,7 @@ def load_dispatched_model(
     """Load a checkpoint placed by accelerate's big-model dispatch (and quantized if asked)."""
     from transformers import AutoModelForCausalLM
 
-    from loraprune.io import _DTYPE_KWARG
-
-    kwargs = {"device_map": device_map, _DTYPE_KWARG: dtype}
+    kwargs = {"device_map": device_map, "dtype": dtype}
     if quantize_base is not None:
         from loraprune.quantization import bitsandbytes, bitsandbytes_config
 

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -22,10 +21,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-# transformers renamed from_pretrained's torch_dtype to dtype in 4.56
-_DTYPE_KWARG = (
-    "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
-)
 
 
 def parse_dtype(dtype: str | torch.dtype, name: str = "dtype") -> torch.dtype:
@@ -79,7 +74,7 @@ def load_model(
     """Load a (pruned or dense) checkpoint of a supported family onto ``device`` in ``dtype``."""
     path = check_model_dir(model_dir)
     dtype, device = parse_dtype(dtype), parse_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, **{_DTYPE_KWARG: dtype})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device)
 
 

@@ -123,14 +123,12 @@ def load_quantized_model(
     """Load a float checkpoint with its projections quantized as they are read (lm_head stays in ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
-    from loraprune.io import _DTYPE_KWARG
-
     bitsandbytes()
     return AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=bitsandbytes_config(kind, dtype),
         device_map={"": device},
-        **{_DTYPE_KWARG: dtype},
+        dtype=dtype,
     )
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from loraprune.export.gguf import GGUF_SOURCE_KEY
-from loraprune.io import _DTYPE_KWARG, check_model_dir, parse_dtype
+from loraprune.io import check_model_dir, parse_dtype
 from loraprune.structures import SUPPORTED_MODEL_TYPES
 
 # What a model folder needs from a Hub repository (not *.bin or *.gguf duplicates of the weights).
@@ -220,7 +220,7 @@ def load_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = gguf_config(path, arg)
-    kwargs = {"gguf_file": path.name, _DTYPE_KWARG: parse_dtype(dtype)}
+    kwargs = {"gguf_file": path.name, "dtype": parse_dtype(dtype)}
     if hasattr(transformers, "GgufConfig"):  # since 5.23 weights stay packed unless asked otherwise
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path.parent, config=config, **kwargs)
