@@ -216,14 +216,16 @@ def load_gguf(
     path: Path, dtype: str | torch.dtype = "float32", arg: str = "MODEL"
 ) -> tuple[nn.Module, object]:
     """The GGUF file dequantized into a dense model of ``dtype`` (on the CPU), and its tokenizer."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    config = gguf_config(path, arg)
-    kwargs = {"gguf_file": path.name, "dtype": parse_dtype(dtype)}
-    if hasattr(transformers, "GgufConfig"):  # since 5.23 weights stay packed unless asked otherwise
-        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, config=config, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent,
+        gguf_file=path.name,
+        config=gguf_config(path, arg),
+        dtype=parse_dtype(dtype),
+        # dense nn.Linear weights to prune: transformers otherwise keeps them in packed GGUF blocks
+        quantization_config=GgufConfig(dequantize=True),
+    )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, _within_vocabulary(tokenizer, model.config.vocab_size)
 
