@@ -289,6 +289,7 @@ def test_sft_trainer_prunes_to_the_target_and_the_result_loads(tmp_path, tiny_ll
     # the model the SFTTrainer holds was compacted in place (the bf16 autocast of TRL's default
     # precision still wraps its forward, so weights are compared rather than logits)
     assert type(model).__name__ == "PrunedLlamaForCausalLM"
+    assert callback.compact() is model  # compacted once, at the end of training
     ours = model.state_dict()
     assert loaded.state_dict().keys() == ours.keys()
     for key, value in loaded.state_dict().items():

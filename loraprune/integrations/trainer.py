@@ -104,6 +104,7 @@ class LoraPruneCallback(TrainerCallback):
         self.prune_every, self.warmup, self.cooldown = prune_every, warmup, cooldown
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.pruner: LoraPruner | None = None
+        self.pruned: nn.Module | None = None  # the compacted model, once made
         self.schedule: PruneSchedule | None = None
         self.steps_done = 0
         self.max_grad_norm: float | None = None  # the Trainer's, while the callback clips in its place
@@ -215,11 +216,13 @@ class LoraPruneCallback(TrainerCallback):
 
     # -- results and state ---------------------------------------------------------------------
     def compact(self) -> nn.Module:
-        """The pruned model: masked heads and channels removed, LoRA merged (in place; a Hugging Face
-        model that ``save_pretrained`` writes and the Auto classes load after ``import loraprune``)."""
+        """The pruned model: masked heads and channels removed, LoRA merged (in place, once; a Hugging
+        Face model that ``save_pretrained`` writes and the Auto classes load after ``import loraprune``)."""
         if self.pruner is None:
             raise RuntimeError("LoraPruneCallback.compact: no Trainer has been built with this callback")
-        return self.pruner.compact()
+        if self.pruned is None:
+            self.pruned = self.pruner.compact()
+        return self.pruned
 
     def _settings(self) -> dict:
         return {"prune_config": self.config.to_dict(), "schedule": asdict(self.schedule)}
