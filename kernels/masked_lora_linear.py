@@ -2,11 +2,18 @@
 
 Forward, two launches (one for decode, below):
 
-1. ``H = drop(X⊙m_in) Aᵀ`` (M×r), the skinny LoRA down-projection, computed once;
+1. ``H = drop(X⊙m_in) Aᵀ`` (M×r), the skinny LoRA down-projection, computed once; stored
+   :func:`hidden_width` wide (the rank rounded up to 16, zero past r), so that its row stride and
+   the bound of its loads are 16-divisible at any rank (Triton specialises only such integers)
+   and every load of H is vectorised (G, the backward's, likewise);
 2. one GEMM ``[X⊙m_in | H]·[W | s·B]ᵀ`` with the bias and ``m_out`` applied in the epilogue. On
    the old path the fp32 accumulator starts as ``H·(s·B)ᵀ``, a prologue loop before the K loop
    (one more memory latency per tile); with ``lora_k_steps`` the padded rank is extra K steps at
-   the end of the same loop, so that its loads pipeline with the main loop's.
+   the end of the same loop, so that its loads pipeline with the main loop's: each step selects
+   L's or H's pointers (and Rt's or s·F's), so H and s·F (a padded copy in Rt's dtype and layout,
+   16-divisible strides) must be as aligned as L and Rt, or the main loop loses its vectorised,
+   pipelined loads (at rank 8 it did: 64 scalar 2-byte loads per thread, no cp.async; the
+   compile-only report's ``--load-check`` guards it).
 
 Output masks are gathered, not tiled. Pruned MLP channels (gate/up rows) are scattered: at 50 %
 masked almost no 64/128-wide tile of consecutive features is fully masked, so skipping whole
@@ -25,7 +32,17 @@ along ``out`` covers the features ``order[j·BLOCK_P:(j+1)·BLOCK_P]`` and is on
 
 ``num_kept`` is read inside the kernels, so the grid keeps its size for all of ``out``; without an
 output mask there is no permutation and no indirection (a constexpr). Work and W/B traffic scale
-with the kept features, wherever they sit.
+with the kept features, wherever they sit. An output mask given without its order (a
+:class:`~loraprune.ops.masked_lora_linear.MaskPlan` without ``out_order``: what ``LoraPruneLinear``
+passes on a GPU for a mask it does not know to be masked) is applied in place instead: every
+feature computed, the masked ones zeroed in the epilogue (and on dY's tiles in the backward).
+
+A layer's cached plan (``mask_cache``) lives in device buffers that :class:`CachedMaskPlan`
+refreshes on every forward, in one single-program launch (:func:`_mask_plan_kernel`): it compares
+the live mask with the snapshot the plan was built from and rebuilds the plan only where they
+differ, so a plan is never stale, whatever wrote the mask (``.data``, numpy, DLPack and kernels
+leave autograd's version counter as it was), with no host synchronisation, and CUDA graphs
+capture it (the buffers keep their addresses; each replay re-checks them).
 
 The input mask (``m_in``: o/down projections) is applied to the loaded X tiles and is not
 gathered: gathering along K would gather W's columns, which are strided, and break coalescing.
@@ -68,24 +85,27 @@ mask wherever it is needed (H, dA, dX); the ``dropout_bits`` path draws four per
 dA and dX read. With dropout 0 no seed is drawn and no kernel is compiled with dropout.
 
 Fast paths (``loraprune.ops.masked_lora_linear.FAST_PATHS``, each selectable next to the path it
-replaces until a GPU run compares them): ``mask_cache`` (the caller's cached
-:class:`~loraprune.ops.masked_lora_linear.MaskPlan`: no permutation rebuilt per call),
-``k_tiles`` (the input-masked forward's K loops visit the plan's kept K tiles only),
-``dropout_bits`` (above), ``decode`` (M <= 16 without dropout: :func:`_decode_kernel`, one
-launch with the down-projection folded into the K loop), ``decode_split_k`` (the same at M <= 16
-for K-heavy layers whose ``cdiv(out, BLOCK_P)`` programs under-fill the device, e.g. down_proj and
+replaces; on by default only ``DEFAULT_FAST_PATHS``: ``mask_cache``, ``k_tiles``, ``dropout_bits``
+and ``decode``, which remove work outright; the others until a GPU run measures them faster than the
+path they replace): ``mask_cache`` (the caller's cached
+:class:`~loraprune.ops.masked_lora_linear.MaskPlan`, refreshed on the device: no permutation rebuilt
+per call), ``k_tiles`` (the input-masked forward's K loops visit the plan's kept K tiles only),
+``dropout_bits`` (above), ``decode`` (M <= 16 without dropout: :func:`_decode_kernel`, one launch
+with the down-projection folded into the K loop), ``decode_split_k`` (the same at M <= 16 for
+K-heavy layers whose ``cdiv(out, BLOCK_P)`` programs under-fill the device, e.g. down_proj and
 o_proj: :func:`_decode_split_kernel` splits K into fp32 partials in a workspace, one program per
-split also summing H's, and :func:`_decode_reduce_kernel` adds them in split order with
-``s·H Bᵀ``, the bias and the output mask: deterministic, no atomics; the split count follows
-from the shapes and the device only, so the workspace keeps its shape and CUDA graphs capture
-it), and three of the GEMM itself (forward
-and dX, whose ``D W + s·(G A)`` has the same ``[D | G]·[W ; s·A]`` form; dA, dB, H and G are
-skinny reductions without a base term, so they have none): ``lora_k_steps`` (above; not for dX
-with dropout, whose keep-mask acts on the LoRA term alone), ``persistent`` (one program per SM
-looping over the output tiles in the grouped order) and ``tma`` (sm_90: L's and, where not
-gathered, Rt's tiles load through ``tl.make_tensor_descriptor`` descriptors; only where the
-operands are 16-byte aligned, and then in place of ``lora_k_steps``, whose per-step operand
-choice needs pointers).
+split also summing H's, and :func:`_decode_reduce_kernel` adds them in split order with ``s·H Bᵀ``,
+the bias and the output mask: deterministic, no atomics; the split count follows from the shapes and
+the device only, so the workspace keeps its shape and CUDA graphs capture it, and the K ranges are
+whole granules of :data:`DECODE_SPLIT_GRANULE`, not of the autotuned BLOCK_Q, so that processes that
+tuned differently agree bit for bit), and three of the GEMM itself (forward and dX, whose ``D W +
+s·(G A)`` has the same ``[D | G]·[W ; s·A]`` form; dA, dB, H and G are skinny reductions without a
+base term, so they have none): ``lora_k_steps`` (above; not for dX with dropout, whose keep-mask
+acts on the LoRA term alone), ``persistent`` (one program per SM looping over the output tiles in
+the grouped order) and ``tma`` (sm_90: L's and, where not gathered, Rt's tiles load through
+``tl.make_tensor_descriptor`` descriptors; only where the operands are 16-byte aligned with rows
+that do not overlap, and then in place of ``lora_k_steps``, whose per-step operand choice needs
+pointers).
 
 The public implementation is the custom op ``loraprune::masked_lora_linear`` (with its fake and
 autograd registered, so it traces under ``torch.compile``); ``masked_lora_linear`` wraps it with
@@ -94,8 +114,9 @@ the autocast cast, the seed draw and the leading-shape flattening.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import NamedTuple
 
 import torch
@@ -234,21 +255,22 @@ def _keep_mask_kernel(
 @triton.jit
 def _lora_down_kernel(
     l_ptr, f_ptr, mask_ptr, tiles_ptr, tile_counts_ptr, seed_ptr, out_ptr, lk_ptr, bits_ptr,
-    M, Q, R, m_bucket, dropout_p, keep_scale,
+    M, Q, R, RO, m_bucket, dropout_p, keep_scale,
     stride_lm, stride_lq, stride_fr, stride_fq, stride_om, stride_or, stride_km, stride_kq, stride_bm,
     HAS_MASK: tl.constexpr, COMPACT: tl.constexpr, K_TILES: tl.constexpr, LORA_DROPOUT: tl.constexpr,
     STORE_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
     """``out[M, R] = (L ⊙ mask ⊙ drop) · Fᵀ`` for ``L`` (M×Q) and ``F`` (R×Q): the skinny LoRA
-    down-projection ``H = drop(X⊙m_in) Aᵀ`` and, in the backward, ``G = (dY⊙m_out) B``. With
+    down-projection ``H = drop(X⊙m_in) Aᵀ`` and, in the backward, ``G = (dY⊙m_out) B``; ``out``
+    has ``RO >= R`` columns (the rank rounded up to 16), those past R written as zeros. With
     ``COMPACT`` the kept columns of L are also written to ``LK`` (M×Q) in kept-first order, column
     ``q`` at slot "kept columns before q" (its index in the kept-first order), so that L is
     read once, densely; the ``COMPACT_TAIL`` slots after the kept ones are zeroed, the rest of LK
     is left unwritten. With ``K_TILES`` the loop runs over the plan's kept K tiles only (tiles
     with every feature masked add zero). With ``STORE_BITS`` the dropout keep-mask comes from
-    :func:`_dropout_keep4` and is also stored, one bit per element, for the backward (bits of
-    skipped tiles stay unwritten: those features are masked wherever the bits are read)."""
+    :func:`_dropout_keep4` and is also stored, one bit per element, for the backward; the bits of
+    skipped tiles are stored as zeros (dA and dX read whole byte rows, masked features included)."""
     tl.static_assert(not (K_TILES and COMPACT))
     tl.static_assert(LORA_DROPOUT or not STORE_BITS)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,6 +327,15 @@ def _lora_down_kernel(
             other=0.0,
         )
         acc = tl.dot(lhs, rhs.to(lhs.dtype), acc, input_precision=DOT_PRECISION)
+    if K_TILES and STORE_BITS:  # the skipped tiles' bits: zeros, stored without any other work
+        byte_offs = tl.arange(0, BLOCK_Q // 8)
+        for tile in range(num_tiles, tl.cdiv(Q, BLOCK_Q)):
+            byte_cols = tl.load(tile_list + tile) * (BLOCK_Q // 8) + byte_offs
+            tl.store(
+                bits_ptr + rows[:, None] * stride_bm + byte_cols[None, :],
+                tl.zeros((BLOCK_M, BLOCK_Q // 8), dtype=tl.uint8),
+                mask=compact_ok[:, None] & (byte_cols < tl.cdiv(Q, 8))[None, :],
+            )
     if COMPACT:
         tail = kept_before + tl.arange(0, COMPACT_TAIL)
         tl.store(
@@ -315,7 +346,7 @@ def _lora_down_kernel(
     tl.store(
         out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
         acc.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & rank_ok[None, :],
+        mask=row_ok[:, None] & (offs_r < RO)[None, :],
     )
 
 
@@ -337,7 +368,7 @@ def _gemm_tile(
     tile_id, l_desc, rt_desc,
     l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr, q_tile_counts_ptr,
     pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
-    M, P, Q, R, scaling, dropout_p, keep_scale,
+    M, P, Q, R, RH, scaling, dropout_p, keep_scale,
     stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
     stride_om, stride_op, stride_bm,
     HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr, Q_TILES: tl.constexpr,
@@ -386,9 +417,11 @@ def _gemm_tile(
         for r0 in range(0, R * live, BLOCK_R):
             ranks = r0 + offs_r
             rank_ok = ranks < R
+            # H's columns up to RH (a multiple of 16, zeros past R): a bound along H's contiguous
+            # axis that keeps its loads vectorised whatever the rank.
             h = tl.load(
                 h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
-                mask=row_ok[:, None] & rank_ok[None, :],
+                mask=row_ok[:, None] & (ranks < RH)[None, :],
                 other=0.0,
             )
             f = tl.load(
@@ -414,13 +447,15 @@ def _gemm_tile(
     if LORA_K_STEPS:
         # [L | H]·[Rt ; s·F]: the padded rank as extra BLOCK_Q-wide K steps after L's, in the same
         # loop, so that their loads pipeline with the main loop's; each step selects its operands'
-        # pointers (H and F, here already s·F in the compute dtype, have L's and Rt's dtypes).
+        # pointers (H and F, here already s·F in the compute dtype, have L's and Rt's dtypes). H and
+        # s·F come padded to RH ranks (a multiple of 16, zeros past R) with 16-divisible strides, so
+        # that the mixed pointers and the rank bound keep L's and Rt's loads vectorised at any rank.
         tl.static_assert(not (LORA_DROPOUT or TMA))
         if Q_TILES:
             tile_list, num_main = _kept_tiles(q_tiles_ptr, q_tile_counts_ptr, Q, BLOCK_Q)
         else:
             num_main = tl.cdiv(q_len, BLOCK_Q)
-        for step in range(0, (num_main + tl.cdiv(R, BLOCK_Q)) * live):
+        for step in range(0, (num_main + tl.cdiv(RH, BLOCK_Q)) * live):
             lora = step >= num_main
             # On the LoRA steps q0 = Q, past every L column; on L's steps the ranks are negative.
             if Q_TILES:
@@ -431,7 +466,7 @@ def _gemm_tile(
             q_positions = q0 + offs_q
             q_ok = q_positions < q_len
             ranks = (step - num_main) * BLOCK_Q + offs_q
-            rank_ok = (ranks >= 0) & (ranks < R)
+            rank_ok = (ranks >= 0) & (ranks < RH)
             lhs_ptrs = tl.where(
                 lora,
                 h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
@@ -556,7 +591,7 @@ def _gemm_tile(
 def _masked_lora_gemm_kernel(
     l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr, q_tile_counts_ptr,
     pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
-    M, P, Q, R, m_bucket, scaling, dropout_p, keep_scale,
+    M, P, Q, R, RH, m_bucket, scaling, dropout_p, keep_scale,
     stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
     stride_om, stride_op, stride_bm,
     HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, Q_GATHER: tl.constexpr, Q_TILES: tl.constexpr,
@@ -566,8 +601,9 @@ def _masked_lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``out[M, P] = ((L⊙m_q) Rt + s·(H F)⊙drop + bias) ⊙ m_p`` for ``L`` (M×Q), ``Rt`` (Q×P),
-    ``H`` (M×r), ``F`` (r×P). The forward is ``L=X, Rt=Wᵀ, H=drop(X)Aᵀ, F=Bᵀ, m_q=m_in, m_p=m_out``;
-    ``dX`` is ``L=dY, Rt=W, H=G, F=A, m_q=m_out, m_p=m_in`` with the dropout on the LoRA term.
+    ``H`` (M×RH: RH >= r columns, zeros past r), ``F`` (r×P). The forward is ``L=X, Rt=Wᵀ,
+    H=drop(X)Aᵀ, F=Bᵀ, m_q=m_in, m_p=m_out``; ``dX`` is ``L=dY, Rt=W, H=G, F=A, m_q=m_out,
+    m_p=m_in`` with the dropout on the LoRA term.
 
     Each mask is either applied in place (``HAS_QMASK``: zeroes L's loaded tiles; ``HAS_PMASK``:
     zeroes output columns, tiles with all columns masked skip their loops) or goes through its
@@ -580,8 +616,9 @@ def _masked_lora_gemm_kernel(
     recomputed; its columns are the output columns, so they must not be gathered.
 
     The LoRA term is a prologue before the K loop, or with ``LORA_K_STEPS`` (no dropout on it;
-    ``F`` given as ``s·F`` in L's dtype) extra K steps of the same loop. ``PERSISTENT``: one
-    program per SM (the launcher's grid) loops over the tiles in grouped order. ``TMA`` (sm_90):
+    ``F`` given as ``s·F`` in L's dtype, RH rows, zeros past r) extra K steps of the same loop.
+    ``PERSISTENT``: one program per SM (the launcher's grid) loops over the tiles in grouped order.
+    ``TMA`` (sm_90):
     L's tiles, and Rt's where its columns are not gathered, load through tensor descriptors
     (``RT_TRANSPOSED``: Rt is a transposed view, described as its transpose)."""
     tl.static_assert(not (KEEP_BITS and P_GATHER))
@@ -602,7 +639,7 @@ def _masked_lora_gemm_kernel(
                 tile_id, l_desc, rt_desc,
                 l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr,
                 q_tile_counts_ptr, pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
-                M, P, Q, R, scaling, dropout_p, keep_scale,
+                M, P, Q, R, RH, scaling, dropout_p, keep_scale,
                 stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
                 stride_om, stride_op, stride_bm,
                 HAS_BIAS, HAS_QMASK, Q_GATHER, Q_TILES, HAS_PMASK, P_GATHER, LORA_DROPOUT, KEEP_BITS,
@@ -613,7 +650,7 @@ def _masked_lora_gemm_kernel(
             tl.program_id(0), l_desc, rt_desc,
             l_ptr, rt_ptr, h_ptr, f_ptr, bias_ptr, qmask_ptr, q_order_ptr, q_count_ptr, q_tiles_ptr,
             q_tile_counts_ptr, pmask_ptr, p_order_ptr, p_count_ptr, seed_ptr, bits_ptr, out_ptr,
-            M, P, Q, R, scaling, dropout_p, keep_scale,
+            M, P, Q, R, RH, scaling, dropout_p, keep_scale,
             stride_lm, stride_lq, stride_rq, stride_rp, stride_hm, stride_hr, stride_fr, stride_fp,
             stride_om, stride_op, stride_bm,
             HAS_BIAS, HAS_QMASK, Q_GATHER, Q_TILES, HAS_PMASK, P_GATHER, LORA_DROPOUT, KEEP_BITS,
@@ -635,7 +672,7 @@ def _masked_lora_gemm_kernel(
 @triton.jit
 def _lora_grad_kernel(
     l_ptr, h_ptr, mask_ptr, order_ptr, count_ptr, seed_ptr, bits_ptr, out_ptr,
-    M, P, R, m_bucket, scaling, dropout_p, keep_scale,
+    M, P, R, RH, m_bucket, scaling, dropout_p, keep_scale,
     stride_lm, stride_lp, stride_hm, stride_hr, stride_op, stride_or, stride_bm,
     HAS_MASK: tl.constexpr, GATHER: tl.constexpr, LORA_DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -648,7 +685,8 @@ def _lora_grad_kernel(
     zeros without any work) and ``dA`` (stored transposed)
     ``= s·drop(X⊙m_in)ᵀ G`` (``HAS_MASK``: masked rows zeroed, blocks with no kept row skip the
     loop). Each program owns a block of output rows, so no atomics are needed. ``KEEP_BITS``: the
-    dropout keep-mask is read from the bits the forward stored (dA), not recomputed."""
+    dropout keep-mask is read from the bits the forward stored (dA), not recomputed. H's loads are
+    bounded by its width ``RH`` (the rank rounded up to 16, zero past R: vectorised at any rank)."""
     tl.static_assert(not (KEEP_BITS and GATHER))
     positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -672,9 +710,12 @@ def _lora_grad_kernel(
         tokens = m0 + offs_m
         m_ok = tokens < M
         rows = tokens.to(tl.int64)
-        lhs = tl.load(
-            l_ptr + rows[:, None] * stride_lm + positions[None, :] * stride_lp,
-            mask=m_ok[:, None] & p_ok[None, :],
+        # L's tile loads as the dot's (positions × tokens) operand: loaded as (tokens × positions) and
+        # then transposed, the variants without dropout were not pipelined (synchronous 16-byte
+        # loads, no cp.async, on sm_80 and sm_90; triton_compile_only.py --load-check).
+        lhs_t = tl.load(
+            l_ptr + positions[:, None] * stride_lp + rows[None, :] * stride_lm,
+            mask=p_ok[:, None] & m_ok[None, :],
             other=0.0,
         )
         if LORA_DROPOUT:
@@ -683,13 +724,13 @@ def _lora_grad_kernel(
                 keep = _load_keep_bits(bits_ptr, rows, m_ok, stride_bm, col0, P, BLOCK_M, BLOCK_P)
             else:
                 keep = _dropout_keep(seed_ptr, tokens, p_idx, dropout_p)
-            lhs = tl.where(keep, (lhs.to(tl.float32) * keep_scale).to(lhs.dtype), 0.0)
+            lhs_t = tl.where(tl.trans(keep), (lhs_t.to(tl.float32) * keep_scale).to(lhs_t.dtype), 0.0)
         h = tl.load(
             h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-            mask=m_ok[:, None] & rank_ok[None, :],
+            mask=m_ok[:, None] & (offs_r < RH)[None, :],
             other=0.0,
         )
-        acc = tl.dot(tl.trans(lhs), h, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(lhs_t, h, acc, input_precision=DOT_PRECISION)
     acc *= scaling
     if GATHER or HAS_MASK:
         acc = tl.where(p_keep[:, None], acc, 0.0)
@@ -716,22 +757,24 @@ DECODE_MAX_ROWS = 16
         ],
         triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32}),
     ),
-    key=["P", "Q", "R", "HAS_BIAS", "HAS_QMASK", "P_GATHER", "DOT_PRECISION"],
+    key=["P", "Q", "R", "HAS_BIAS", "HAS_QMASK", "HAS_PMASK", "P_GATHER", "DOT_PRECISION"],
 )
 @triton.jit
 def _decode_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, qmask_ptr, p_order_ptr, p_count_ptr, out_ptr, h_ptr,
-    M, P, Q, R, scaling,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, qmask_ptr, pmask_ptr, p_order_ptr, p_count_ptr, out_ptr, h_ptr,
+    M, P, Q, R, RO, scaling,
     stride_xm, stride_xq, stride_wp, stride_wq, stride_ar, stride_aq, stride_bp, stride_br,
     stride_om, stride_op, stride_hm, stride_hr,
-    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
     """The forward for M <= BLOCK_M tokens in one launch: each program owns BLOCK_P output columns
     and, in the same K loop over X's tiles, accumulates ``(X⊙m_in) Wᵀ`` and the LoRA
     down-projection ``H = (X⊙m_in) Aᵀ`` (recomputed per program from A, which is r/BLOCK_P of its
     W traffic and L2-resident), then adds ``s·H Bᵀ``, the bias and the output mask (``P_GATHER``:
-    kept-first column tiles as in the GEMM). Program 0 stores H for the backward."""
+    kept-first column tiles as in the GEMM; ``HAS_PMASK``: applied in place). Program 0 stores H
+    (RO columns, zeros past R) for the backward."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
@@ -748,6 +791,9 @@ def _decode_kernel(
     else:
         cols = positions
         col_load = col_ok
+        if HAS_PMASK:
+            col_keep = tl.load(pmask_ptr + cols, mask=col_ok, other=0) != 0
+            live = tl.max(col_keep.to(tl.int32), axis=0)
     runs = live | (pid == 0).to(tl.int32)  # program 0 computes H even when its columns are masked
     offs_r = tl.arange(0, BLOCK_R)
     rank_ok = offs_r < R
@@ -786,7 +832,7 @@ def _decode_kernel(
     acc = tl.dot(hidden, (b.to(tl.float32) * scaling).to(hidden.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
-    if P_GATHER:
+    if P_GATHER or HAS_PMASK:
         acc = tl.where(col_keep[None, :], acc, 0.0)
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
@@ -797,16 +843,19 @@ def _decode_kernel(
         tl.store(
             h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
             hidden,
-            mask=row_ok[:, None] & rank_ok[None, :],
+            mask=row_ok[:, None] & (offs_r < RO)[None, :],
         )
 
 
 # decode_split_k: the split kernel's column block (fixed, so that the host knows its program count),
-# the fewest K features worth a split (fewer and the partials' traffic outweighs the parallelism)
-# and the most splits.
+# the fewest K features worth a split (fewer and the partials' traffic outweighs the parallelism),
+# the most splits, and the granule of the K ranges: each split's range is a multiple of it, fixed
+# (not the autotuned BLOCK_Q), so that two processes that tuned differently sum the same ranges in
+# the same order and agree bit for bit. A multiple of every BLOCK_Q the split kernel is tuned over.
 DECODE_SPLIT_BLOCK_P = 32
 DECODE_SPLIT_MIN_K = 256
 DECODE_MAX_SPLITS = 16
+DECODE_SPLIT_GRANULE = 256
 
 
 @triton.jit
@@ -839,7 +888,7 @@ def _decode_split_kernel(
     x_ptr, w_ptr, a_ptr, qmask_ptr, p_order_ptr, p_count_ptr, part_ptr, h_part_ptr,
     M, P, Q, R, SPLITS,
     stride_xm, stride_xq, stride_wp, stride_wq, stride_ar, stride_aq,
-    HAS_QMASK: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_QMASK: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr, GRANULE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):  # fmt: skip
     """Split-K partials of the decode forward, grid ``(cdiv(P, BLOCK_P) + 1, SPLITS)``: program
@@ -847,10 +896,12 @@ def _decode_split_kernel(
     ``P_GATHER``; a tile past the kept prefix loads and stores nothing) into ``part[s]`` (fp32,
     SPLITS×M×P, by position in the tile order); the last program of each split computes H's
     partial ``(X⊙m_in) Aᵀ`` over the same range into ``h_part[s]`` (fp32, SPLITS×M×BLOCK_R).
-    The K ranges are whole BLOCK_Q tiles; trailing ones may be empty (their partials are zero)."""
+    The K ranges are whole granules of GRANULE features (whole BLOCK_Q tiles), whatever config the
+    autotuner picked; trailing ones may be empty (their partials are zero)."""
+    tl.static_assert(GRANULE % BLOCK_Q == 0)
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
-    k_per_split = tl.cdiv(tl.cdiv(Q, SPLITS), BLOCK_Q) * BLOCK_Q
+    k_per_split = tl.cdiv(tl.cdiv(Q, SPLITS), GRANULE) * GRANULE
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, Q)
     offs_m = tl.arange(0, BLOCK_M)
@@ -904,15 +955,15 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_ptr, h_part_ptr, b_ptr, bias_ptr, p_order_ptr, p_count_ptr, out_ptr, h_ptr,
-    M, P, R, SPLITS, scaling,
+    part_ptr, h_part_ptr, b_ptr, bias_ptr, pmask_ptr, p_order_ptr, p_count_ptr, out_ptr, h_ptr,
+    M, P, R, RO, SPLITS, scaling,
     stride_bp, stride_br, stride_om, stride_op, stride_hm, stride_hr,
-    HAS_BIAS: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PMASK: tl.constexpr, P_GATHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """Y from :func:`_decode_split_kernel`'s partials: each program sums H's partials and its
     column tile's in split order (fixed: deterministic), then adds ``s·H Bᵀ``, the bias and the
-    output mask as :func:`_decode_kernel` does. Program 0 stores H for the backward."""
+    output mask as :func:`_decode_kernel` does. Program 0 stores H (RO columns) for the backward."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)
@@ -935,6 +986,9 @@ def _decode_reduce_kernel(
     else:
         cols = positions
         col_load = col_ok
+    col_keep = col_load
+    if HAS_PMASK:
+        col_keep = col_ok & (tl.load(pmask_ptr + cols, mask=col_ok, other=0) != 0)
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for split in range(0, SPLITS):
         part_rows = split * M + rows
@@ -951,8 +1005,8 @@ def _decode_reduce_kernel(
     acc = tl.dot(hidden, (b.to(tl.float32) * scaling).to(hidden.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_load, other=0.0).to(tl.float32)[None, :]
-    if P_GATHER:
-        acc = tl.where(col_load[None, :], acc, 0.0)
+    if P_GATHER or HAS_PMASK:
+        acc = tl.where(col_keep[None, :], acc, 0.0)
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_op,
         acc.to(out_ptr.dtype.element_ty),
@@ -962,8 +1016,115 @@ def _decode_reduce_kernel(
         tl.store(
             h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
             hidden,
-            mask=row_ok[:, None] & rank_ok[None, :],
+            mask=row_ok[:, None] & (offs_r < RO)[None, :],
         )
+
+
+# The mask plan cache (LoraPruneLinear, mask_cache): one program refreshes a mask's plan in place,
+# comparing the mask with its snapshot this many features at a time (3 loads each for 11008).
+MASK_PLAN_BLOCK = 4096
+
+
+@triton.jit
+def _kept_first_tiles(mask_ptr, tiles_ptr, N, WIDTH: tl.constexpr, TILE_BLOCK: tl.constexpr):
+    """Write the indices of the WIDTH-wide tiles of the mask (N bytes) that hold a kept feature,
+    ascending, then the others, to ``tiles``; return how many hold one."""
+    num_tiles = tl.cdiv(N, WIDTH)
+    tile_offs = tl.arange(0, TILE_BLOCK)
+    kept_tiles = tl.zeros((), dtype=tl.int32)
+    for t0 in range(0, num_tiles, TILE_BLOCK):
+        elems = (t0 + tile_offs)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+        tile_kept = tl.max((tl.load(mask_ptr + elems, mask=elems < N, other=0) != 0).to(tl.int32), axis=1)
+        kept_tiles += tl.sum(tile_kept, axis=0)
+    kept_before = tl.zeros((), dtype=tl.int32)
+    for t0 in range(0, num_tiles, TILE_BLOCK):
+        tiles = t0 + tile_offs
+        elems = tiles[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+        tile_kept = tl.max((tl.load(mask_ptr + elems, mask=elems < N, other=0) != 0).to(tl.int32), axis=1)
+        kept_through = kept_before + tl.cumsum(tile_kept, axis=0)
+        slot = tl.where(tile_kept != 0, kept_through - 1, kept_tiles + tiles - kept_through)
+        tl.store(tiles_ptr + slot, tiles, mask=tiles < num_tiles)
+        kept_before += tl.sum(tile_kept, axis=0)
+    return kept_tiles
+
+
+@triton.jit
+def _mask_plan_kernel(
+    mask_ptr, snapshot_ptr, state_ptr, order_ptr, count_ptr, tiles_ptr, tile_counts_ptr, N,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Refresh a cached plan of the keep-mask ``mask`` (N bytes) in place, on the device: compare the
+    mask with the ``snapshot`` the plan was built from and, only where they differ (or ``state`` is
+    0: never built), rebuild the plan (:class:`~loraprune.ops.masked_lora_linear.MaskPlan`: the
+    kept-first ``order`` and ``count``, the kept-first K ``tiles`` and ``tile_counts`` per width of
+    K_TILE_WIDTHS) and the snapshot. One program, so that the comparison decides the rebuild with
+    no host synchronisation; the plan's buffers keep their addresses (CUDA graphs replay it). Each
+    pass re-reads the mask, so no pass reads what another thread of the program wrote."""
+    offs = tl.arange(0, BLOCK)
+    changed = (tl.load(state_ptr) == 0).to(tl.int32)
+    for start in range(0, N, BLOCK):
+        idx = start + offs
+        ok = idx < N
+        live = tl.load(mask_ptr + idx, mask=ok, other=0) != 0
+        seen = tl.load(snapshot_ptr + idx, mask=ok, other=0) != 0
+        changed = changed | tl.max((live != seen).to(tl.int32), axis=0)
+    if changed != 0:
+        total = tl.zeros((), dtype=tl.int32)
+        for start in range(0, N, BLOCK):
+            idx = start + offs
+            ok = idx < N
+            total += tl.sum((tl.load(mask_ptr + idx, mask=ok, other=0) != 0).to(tl.int32), axis=0)
+        kept_before = tl.zeros((), dtype=tl.int32)
+        for start in range(0, N, BLOCK):
+            idx = start + offs
+            ok = idx < N
+            keep = (tl.load(mask_ptr + idx, mask=ok, other=0) != 0).to(tl.int32)
+            kept_through = kept_before + tl.cumsum(keep, axis=0)  # kept features up to idx, included
+            slot = tl.where(keep != 0, kept_through - 1, total + idx - kept_through)
+            tl.store(order_ptr + slot, idx.to(tl.int64), mask=ok)
+            tl.store(snapshot_ptr + idx, keep.to(tl.uint8), mask=ok)
+            kept_before += tl.sum(keep, axis=0)
+        tl.store(count_ptr, total.to(tl.int64))
+        list_offset = tl.zeros((), dtype=tl.int32)
+        for i in tl.static_range(K_TILE_WIDTH_COUNT):
+            kept_tiles = _kept_first_tiles(
+                mask_ptr, tiles_ptr + list_offset, N, K_TILE_MIN_WIDTH << i, BLOCK // (K_TILE_MIN_WIDTH << i)
+            )
+            tl.store(tile_counts_ptr + i, kept_tiles)
+            list_offset += tl.cdiv(N, K_TILE_MIN_WIDTH << i)
+        tl.store(state_ptr, 1)
+
+
+class CachedMaskPlan:
+    """The device buffers of one keep-mask's cached plan (its kept-first order and count, its kept
+    K-tile lists, and the snapshot of the mask they were built from), refreshed in place by
+    :meth:`refresh`: one launch per call, which compares the mask with the snapshot and rebuilds
+    only where they differ, on the device (no host synchronisation, so it runs inside a CUDA graph
+    capture, and a replay refreshes the plan too). The buffers are allocated once and never
+    replaced, so that a captured graph never reads freed memory."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.snapshot = torch.zeros(size, device=device, dtype=torch.bool)
+        self.state = torch.zeros(1, device=device, dtype=torch.int32)  # 0: not built yet
+        self.order = torch.empty(size, device=device, dtype=torch.int64)
+        self.count = torch.empty((), device=device, dtype=torch.int64)
+        num_tiles = sum(-(-size // width) for width in K_TILE_WIDTHS)
+        self.tiles = torch.empty(num_tiles, device=device, dtype=torch.int32)
+        self.tile_counts = torch.empty(len(K_TILE_WIDTHS), device=device, dtype=torch.int32)
+
+    def refresh(self, mask: torch.Tensor) -> CachedMaskPlan:
+        """Bring the plan up to date with ``mask`` (bool, the size and device of the buffers)."""
+        if mask.shape != self.snapshot.shape or mask.device != self.snapshot.device:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} on {mask.device} for a plan of "
+                f"{tuple(self.snapshot.shape)} on {self.snapshot.device}"
+            )
+        with device_guard(mask.device):
+            _mask_plan_kernel[(1,)](
+                mask.contiguous().view(torch.uint8), self.snapshot.view(torch.uint8), self.state, self.order,
+                self.count, self.tiles, self.tile_counts, mask.shape[0], BLOCK=MASK_PLAN_BLOCK, num_warps=8,
+            )  # fmt: skip
+        return self
 
 
 class KeptFirst(NamedTuple):
@@ -1011,6 +1172,14 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p)
 
 
+def hidden_width(rank: int) -> int:
+    """Columns of the LoRA hiddens H and G the kernels store: the rank rounded up to 16, zeros past
+    it. Triton specialises only integers divisible by 16, so H's row stride and the bound of its
+    loads are 16-divisible at any rank, and its tiles load vectorised (and the GEMM's lora_k_steps
+    keeps L's and Rt's loads vectorised: its steps select between L's and H's pointers)."""
+    return -(-rank // 16) * 16
+
+
 def _lora_down(
     lhs: torch.Tensor,
     f: torch.Tensor,
@@ -1021,13 +1190,14 @@ def _lora_down(
     compact: bool = False,
     bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lhs ⊙ mask ⊙ drop) · Fᵀ`` (M×r) in ``lhs.dtype``, for ``lhs`` (M×Q) and ``f`` (r×Q, any
-    strides), and, with ``compact``, ``lhs⊙mask`` with its kept columns in kept-first order (M×Q:
-    zero for ``COMPACT_TAIL`` columns after the kept ones, then unwritten), else ``lhs`` itself.
-    With ``bits`` (uint8, M×⌈Q/8⌉) the dropout keep-mask is stored there (``dropout_bits`` path)."""
+    """``(lhs ⊙ mask ⊙ drop) · Fᵀ`` in ``lhs.dtype``, M×:func:`hidden_width` (zeros past r), for
+    ``lhs`` (M×Q) and ``f`` (r×Q, any strides), and, with ``compact``, ``lhs⊙mask`` with its kept
+    columns in kept-first order (M×Q: zero for ``COMPACT_TAIL`` columns after the kept ones, then
+    unwritten), else ``lhs`` itself. With ``bits`` (uint8, M×⌈Q/8⌉) the dropout keep-mask is
+    stored there (``dropout_bits`` path; with kept K tiles, zeros for the skipped ones)."""
     num_rows, reduce_len = lhs.shape
     rank = f.shape[0]
-    out = torch.empty((num_rows, rank), device=lhs.device, dtype=lhs.dtype)
+    out = torch.empty((num_rows, hidden_width(rank)), device=lhs.device, dtype=lhs.dtype)
     lhs_kept = torch.empty_like(lhs) if compact else lhs
     bits_arg = lhs if bits is None else bits
     block_r = padded_rank(rank, MAX_RANK_BLOCK)
@@ -1038,7 +1208,7 @@ def _lora_down(
     _lora_down_kernel[grid](
         lhs, f, _axis_args(mask, lhs)[0], *_tile_args(mask, lhs), lhs if seed is None else seed, out, lhs_kept,
         bits_arg,
-        num_rows, reduce_len, rank, m_bucket(num_rows), dropout_p, _keep_scale(dropout_p),
+        num_rows, reduce_len, rank, out.shape[1], m_bucket(num_rows), dropout_p, _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), f.stride(0), f.stride(1), out.stride(0), out.stride(1),
         lhs_kept.stride(0), lhs_kept.stride(1), bits_arg.stride(0),
         HAS_MASK=mask is not None, COMPACT=compact, K_TILES=isinstance(mask, KeptTiles),
@@ -1060,10 +1230,11 @@ def _lora_grad(
     bits: torch.Tensor | None = None,
 ) -> None:
     """Write ``s · (lhs ⊙ mask ⊙ drop)ᵀ · hidden`` into ``out`` (P×r, any strides: a transposed view
-    writes the transpose); with a gathered mask ``lhs`` comes in kept-first order (from
-    :func:`_lora_down`); with ``bits`` the dropout keep-mask is read from the forward's bits."""
+    writes the transpose; ``hidden``: M×r or wider with zeros past r, as :func:`_lora_down` makes
+    it); with a gathered mask ``lhs`` comes in kept-first order (from :func:`_lora_down`); with
+    ``bits`` the dropout keep-mask is read from the forward's bits."""
     num_rows, num_cols = lhs.shape
-    rank = hidden.shape[1]
+    rank = out.shape[1]
     block_r = padded_rank(rank, MAX_RANK_BLOCK)
     bits_arg = lhs if bits is None else bits
 
@@ -1072,7 +1243,8 @@ def _lora_grad(
 
     _lora_grad_kernel[grid](
         lhs, hidden, *_axis_args(mask, lhs), lhs if seed is None else seed, bits_arg, out,
-        num_rows, num_cols, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
+        num_rows, num_cols, rank, hidden.shape[1], m_bucket(num_rows), scaling, dropout_p,
+        _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), hidden.stride(0), hidden.stride(1), out.stride(0), out.stride(1),
         bits_arg.stride(0),
         HAS_MASK=isinstance(mask, (torch.Tensor, KeptTiles)), GATHER=isinstance(mask, KeptFirst),
@@ -1098,12 +1270,15 @@ NO_GEMM_PATHS = GemmPaths()
 
 def _tma_describable(t: torch.Tensor) -> bool:
     """Whether a 2-D tensor, or its transpose, can back a TMA descriptor: 16-byte aligned base, one
-    unit stride, the other a multiple of 16 bytes."""
+    unit stride, the other a multiple of 16 bytes and at least the extent along the unit stride
+    (rows that do not overlap: a gradient expanded from one row has row stride 0, e.g. from
+    ``y.backward(v.expand_as(y))``, and is read through pointers instead)."""
     size = t.element_size()
     if t.data_ptr() % 16:
         return False
-    return (t.stride(1) == 1 and t.stride(0) * size % 16 == 0) or (
-        t.stride(0) == 1 and t.stride(1) * size % 16 == 0
+    rows, cols = t.shape
+    return (t.stride(1) == 1 and t.stride(0) >= max(cols, 1) and t.stride(0) * size % 16 == 0) or (
+        t.stride(0) == 1 and t.stride(1) >= max(rows, 1) and t.stride(1) * size % 16 == 0
     )
 
 
@@ -1131,9 +1306,17 @@ def _persistent_programs(device: torch.device) -> int:
     return 3
 
 
-def _scaled_factor(f: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """``s·F`` in the compute dtype (r×P, F's strides): lora_k_steps loads it as Rt's continuation."""
-    return torch.mul(f, scaling).to(dtype)
+def _k_steps_factor(f: torch.Tensor, scaling: float, rt: torch.Tensor, width: int) -> torch.Tensor:
+    """``s·F`` in Rt's dtype, padded to ``width`` rows (a multiple of 16; zeros past r) and laid out
+    as Rt is (contiguous along the axis along which Rt is), with 16-divisible strides:
+    lora_k_steps loads it as Rt's continuation, through the same vectorised loads."""
+    rank, cols = f.shape
+    if rt.stride(0) == 1 and rt.stride(1) != 1:  # Rt = Wᵀ (the forward): contiguous along K
+        factor = torch.zeros((cols, width), device=f.device, dtype=rt.dtype).t()
+    else:
+        factor = torch.zeros((width, -(-cols // 16) * 16), device=f.device, dtype=rt.dtype)[:, :cols]
+    torch.mul(f, scaling, out=factor[:rank])
+    return factor
 
 
 def _masked_gemm(
@@ -1152,7 +1335,8 @@ def _masked_gemm(
     paths: GemmPaths = NO_GEMM_PATHS,
 ) -> torch.Tensor:
     """``((lhs⊙q_mask) Rt + s·(hidden F)⊙drop + bias) ⊙ p_mask`` (M×P) in ``lhs.dtype``, for ``lhs``
-    (M×Q), ``rt`` (Q×P), ``hidden`` (M×r) and ``f`` (r×P); ``rt`` and ``f`` may be transposed views.
+    (M×Q), ``rt`` (Q×P), ``hidden`` (M×r, or wider with zeros past r: :func:`hidden_width`) and
+    ``f`` (r×P); ``rt`` and ``f`` may be transposed views.
     With a gathered ``q_mask``, ``lhs`` comes in kept-first order (from :func:`_lora_down`); with
     ``bits`` the dropout keep-mask (over the output columns) is read from the forward's bits.
     ``paths``: the GEMM fast paths allowed (each taken only where it applies, see GemmPaths)."""
@@ -1170,7 +1354,13 @@ def _masked_gemm(
     )
     k_steps = paths.lora_k_steps and not tma and seed is None and lhs.dtype == rt.dtype == hidden.dtype
     if k_steps:
-        f = _scaled_factor(f, scaling, rt.dtype)
+        width = hidden_width(rank)
+        if hidden.shape[1] < width or hidden.stride(1) != 1 or hidden.stride(0) % 16:
+            padded = torch.zeros((num_rows, width), device=hidden.device, dtype=hidden.dtype)
+            padded[:, :rank] = hidden[:, :rank]
+            hidden = padded
+        hidden = hidden[:, :width]
+        f = _k_steps_factor(f, scaling, rt, width)
     if tma and lhs.is_cuda:
         _ensure_scratch_allocator()
     programs = _persistent_programs(lhs.device) if paths.persistent else 0
@@ -1182,7 +1372,8 @@ def _masked_gemm(
     _masked_lora_gemm_kernel[grid](
         lhs, rt, hidden, f, lhs if bias is None else bias, *_axis_args(q_mask, lhs), *_tile_args(q_mask, lhs),
         *_axis_args(p_mask, lhs), lhs if seed is None else seed, bits_arg, out,
-        num_rows, num_cols, reduce_len, rank, m_bucket(num_rows), scaling, dropout_p, _keep_scale(dropout_p),
+        num_rows, num_cols, reduce_len, rank, hidden.shape[1], m_bucket(num_rows), scaling, dropout_p,
+        _keep_scale(dropout_p),
         lhs.stride(0), lhs.stride(1), rt.stride(0), rt.stride(1), hidden.stride(0), hidden.stride(1),
         f.stride(0), f.stride(1), out.stride(0), out.stride(1), bits_arg.stride(0),
         HAS_BIAS=bias is not None,
@@ -1204,26 +1395,29 @@ def _decode(
     lora_b: torch.Tensor,
     scaling: float,
     in_mask: torch.Tensor | None,
-    out_kept: KeptFirst | None,
+    out_axis: KeptFirst | torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward ``(Y, H)`` for at most :data:`DECODE_MAX_ROWS` tokens in one launch."""
+    """The forward ``(Y, H)`` for at most :data:`DECODE_MAX_ROWS` tokens in one launch (``out_axis``:
+    the output mask gathered, applied in place, or none; H: M×:func:`hidden_width`)."""
     num_rows, in_features = x.shape
     out_features, rank = weight.shape[0], lora_a.shape[0]
     y = torch.empty((num_rows, out_features), device=x.device, dtype=x.dtype)
-    hidden = torch.empty((num_rows, rank), device=x.device, dtype=x.dtype)
-    _, order, count = _axis_args(out_kept, x)
+    hidden = torch.empty((num_rows, hidden_width(rank)), device=x.device, dtype=x.dtype)
+    pmask, order, count = _axis_args(out_axis, x)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(out_features, meta["BLOCK_P"]),)
 
     _decode_kernel[grid](
         x, weight, lora_a, lora_b, x if bias is None else bias, x if in_mask is None else in_mask.view(torch.uint8),
-        order, count, y, hidden,
-        num_rows, out_features, in_features, rank, scaling,
+        pmask, order, count, y, hidden,
+        num_rows, out_features, in_features, rank, hidden.shape[1], scaling,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), hidden.stride(0), hidden.stride(1),
-        HAS_BIAS=bias is not None, HAS_QMASK=in_mask is not None, P_GATHER=out_kept is not None,
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=padded_rank(rank), BLOCK_M=DECODE_MAX_ROWS,
+        HAS_BIAS=bias is not None, HAS_QMASK=in_mask is not None,
+        HAS_PMASK=isinstance(out_axis, torch.Tensor), P_GATHER=isinstance(out_axis, KeptFirst),
+        DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=padded_rank(rank), BLOCK_M=DECODE_MAX_ROWS,
     )  # fmt: skip
     return y, hidden
 
@@ -1256,34 +1450,37 @@ def _decode_split_k(
     lora_b: torch.Tensor,
     scaling: float,
     in_mask: torch.Tensor | None,
-    out_kept: KeptFirst | None,
+    out_axis: KeptFirst | torch.Tensor | None,
     splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward ``(Y, H)`` for at most :data:`DECODE_MAX_ROWS` tokens with K in ``splits``
-    ranges: two launches through an fp32 workspace of splits×M×(out + rank block)."""
+    ranges of whole :data:`DECODE_SPLIT_GRANULE` granules: two launches through an fp32 workspace
+    of splits×M×(out + rank block)."""
     num_rows, in_features = x.shape
     out_features, rank = weight.shape[0], lora_a.shape[0]
     block_r = padded_rank(rank)
     y = torch.empty((num_rows, out_features), device=x.device, dtype=x.dtype)
-    hidden = torch.empty((num_rows, rank), device=x.device, dtype=x.dtype)
+    hidden = torch.empty((num_rows, hidden_width(rank)), device=x.device, dtype=x.dtype)
     part = torch.empty((splits, num_rows, out_features), device=x.device, dtype=torch.float32)
     h_part = torch.empty((splits, num_rows, block_r), device=x.device, dtype=torch.float32)
-    _, order, count = _axis_args(out_kept, x)
+    pmask, order, count = _axis_args(out_axis, x)
+    gather = isinstance(out_axis, KeptFirst)
     column_tiles = triton.cdiv(out_features, DECODE_SPLIT_BLOCK_P)
     _decode_split_kernel[(column_tiles + 1, splits)](
         x, weight, lora_a, x if in_mask is None else in_mask.view(torch.uint8), order, count, part, h_part,
         num_rows, out_features, in_features, rank, splits,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        HAS_QMASK=in_mask is not None, P_GATHER=out_kept is not None, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_R=block_r, BLOCK_M=DECODE_MAX_ROWS, BLOCK_P=DECODE_SPLIT_BLOCK_P,
+        HAS_QMASK=in_mask is not None, P_GATHER=gather, DOT_PRECISION=dot_precision(x.dtype),
+        GRANULE=DECODE_SPLIT_GRANULE, BLOCK_R=block_r, BLOCK_M=DECODE_MAX_ROWS, BLOCK_P=DECODE_SPLIT_BLOCK_P,
     )  # fmt: skip
     reduce_block = 64
     _decode_reduce_kernel[(triton.cdiv(out_features, reduce_block),)](
-        part, h_part, lora_b, x if bias is None else bias, order, count, y, hidden,
-        num_rows, out_features, rank, splits, scaling,
+        part, h_part, lora_b, x if bias is None else bias, pmask, order, count, y, hidden,
+        num_rows, out_features, rank, hidden.shape[1], splits, scaling,
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), hidden.stride(0), hidden.stride(1),
-        HAS_BIAS=bias is not None, P_GATHER=out_kept is not None, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_R=block_r, BLOCK_M=DECODE_MAX_ROWS, BLOCK_P=reduce_block, num_warps=4,
+        HAS_BIAS=bias is not None, HAS_PMASK=isinstance(out_axis, torch.Tensor), P_GATHER=gather,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r, BLOCK_M=DECODE_MAX_ROWS, BLOCK_P=reduce_block,
+        num_warps=4,
     )  # fmt: skip
     return y, hidden
 
@@ -1298,15 +1495,32 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _out_kept(
+def _out_axis(
     out_mask: torch.Tensor | None, out_order: torch.Tensor | None, out_count: torch.Tensor | None
-) -> KeptFirst | None:
-    """The output mask as the kernels gather it: the given kept-first order, else computed here."""
+) -> KeptFirst | torch.Tensor | None:
+    """The output mask as the kernels take it: gathered through its kept-first order when given
+    (a :class:`MaskPlan`'s), else applied in place (every feature computed, the masked ones zeroed)."""
     if out_mask is None:
         return None
-    if out_order is None:
-        return KeptFirst(*masked_lora_linear_plan(out_mask, None)[2:4])
-    return KeptFirst(out_order, out_count)
+    return out_mask if out_order is None else KeptFirst(out_order, out_count)
+
+
+@contextlib.contextmanager
+def _capture_hint(device: torch.device) -> Iterator[None]:
+    """Name the likely cause when a launch fails inside a CUDA graph capture: the autotuner
+    benchmarks (and synchronises) on the first call with each new key, which a capture forbids."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "masked_lora_linear failed inside a CUDA graph capture, most likely because a Triton "
+                "kernel met a new autotune key (shape bucket, masks gathered or applied in place, "
+                "dropout, fast paths): run the captured step once eagerly, with the same shapes, "
+                "masks, training mode and LORAPRUNE_MLL_FAST_PATHS, before capturing (README, "
+                f"'Kernels and backends'). Cause: {exc}"
+            ) from exc
+        raise
 
 
 def _keep_bits_shape(x: torch.Tensor, keep_bits: bool, seed: torch.Tensor | None) -> tuple[int, ...]:
@@ -1340,31 +1554,32 @@ def masked_lora_linear_op(
     """The op on 2-D ``x`` (M×in) in ``weight.dtype``; dropout is on iff ``seed`` is given.
 
     ``out_order``/``out_count`` and ``in_tiles``/``in_tile_counts`` come from a
-    :class:`~loraprune.ops.masked_lora_linear.MaskPlan` of the masks (the kept-first order is
-    computed here when not given; without the tile lists the K loops visit every tile).
+    :class:`~loraprune.ops.masked_lora_linear.MaskPlan` of the masks: with the kept-first order the
+    kept output features are gathered, without it ``out_mask`` is applied in place; without the
+    tile lists the K loops visit every tile.
     ``keep_bits`` stores the dropout keep-mask for the backward; ``decode`` takes the one-launch
     path for M <= 16 tokens without dropout; ``lora_k_steps``, ``persistent`` and ``tma`` allow the
     GEMM fast paths (:class:`GemmPaths`) in the forward and in dX; ``decode_split_k`` the split-K
     decode where :func:`decode_splits` splits (it takes precedence over ``decode``).
 
-    Returns ``Y``, the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×r) that the backward reuses, and the
-    keep bits (uint8, M×⌈in/8⌉; empty unless stored).
+    Returns ``Y``, the LoRA hidden ``H = drop(X⊙m_in) Aᵀ`` (M×:func:`hidden_width`, zeros past r)
+    that the backward reuses, and the keep bits (uint8, M×⌈in/8⌉; empty unless stored).
     """
     x = _rows_contiguous(x)
     out_mask, in_mask = _contiguous(out_mask), _contiguous(in_mask)
     num_rows, rank = x.shape[0], lora_a.shape[0]
     bits = x.new_empty(_keep_bits_shape(x, keep_bits, seed), dtype=torch.uint8)
     if num_rows == 0:  # no launch: autotuning an empty grid would keep its pick for M <= 16
-        return x.new_empty((0, weight.shape[0])), x.new_empty((0, rank)), bits
-    with device_guard(x.device):
-        out_kept = _out_kept(out_mask, out_order, out_count)
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0, hidden_width(rank))), bits
+    with device_guard(x.device), _capture_hint(x.device):
+        out_axis = _out_axis(out_mask, out_order, out_count)
         decode_sized = num_rows <= DECODE_MAX_ROWS and seed is None and rank <= MAX_RANK_BLOCK
         splits = decode_splits(*weight.shape, x.device) if decode_split_k and decode_sized else 1
         if splits > 1:
-            y, hidden = _decode_split_k(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_kept, splits)
+            y, hidden = _decode_split_k(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_axis, splits)
             return y, hidden, bits
         if decode and decode_sized:
-            y, hidden = _decode(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_kept)
+            y, hidden = _decode(x, weight, bias, lora_a, lora_b, scaling, in_mask, out_axis)
             return y, hidden, bits
         q_mask = (
             in_mask if in_tiles is None or in_mask is None else KeptTiles(in_mask, in_tiles, in_tile_counts)
@@ -1372,7 +1587,7 @@ def masked_lora_linear_op(
         hidden, _ = _lora_down(x, lora_a, q_mask, seed, dropout_p, "h", bits=bits if bits.numel() else None)
         # Transposed views (no copies) give the GEMM its (Q×P) and (r×P) operands.
         y = _masked_gemm(
-            x, weight.t(), hidden, lora_b.t(), scaling, bias, q_mask, out_kept, None, 0.0, "forward",
+            x, weight.t(), hidden, lora_b.t(), scaling, bias, q_mask, out_axis, None, 0.0, "forward",
             paths=GemmPaths(lora_k_steps, persistent, tma),
         )  # fmt: skip
     return y, hidden, bits
@@ -1415,18 +1630,18 @@ def masked_lora_linear_backward_op(
         grad_b = torch.zeros_like(lora_b) if needs_b else grad_b
         return grad_x, grad_a, grad_b
     bits = keep_bits if seed is not None and keep_bits is not None and keep_bits.numel() else None
-    with device_guard(grad_y.device):
-        out_kept = _out_kept(out_mask, out_order, out_count)
-        # G's kernel reads dY anyway: with an output mask it also writes the compact D (grad_d: D's
-        # kept columns in kept-first order) that dB and dX read contiguously (module docstring).
+    with device_guard(grad_y.device), _capture_hint(grad_y.device):
+        out_axis = _out_axis(out_mask, out_order, out_count)
+        gathered = isinstance(out_axis, KeptFirst)
+        # G's kernel reads dY anyway: with a gathered output mask it also writes the compact D
+        # (grad_d: D's kept columns in kept-first order) that dB and dX read contiguously (module
+        # docstring); an output mask applied in place is applied to dY's tiles by each kernel.
         grad_d = grad_y
-        if needs_x or needs_a or out_kept is not None:
-            grad_hidden, grad_d = _lora_down(
-                grad_y, lora_b.t(), out_mask, None, 0.0, "g", out_kept is not None
-            )
+        if needs_x or needs_a or gathered:
+            grad_hidden, grad_d = _lora_down(grad_y, lora_b.t(), out_mask, None, 0.0, "g", gathered)
         if needs_b:
             grad_b = torch.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
-            _lora_grad(grad_d, hidden, grad_b, scaling, out_kept, None, 0.0, "db")
+            _lora_grad(grad_d, hidden, grad_b, scaling, out_axis, None, 0.0, "db")
         if needs_a:
             grad_a = torch.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
             _lora_grad(x, grad_hidden, grad_a.t(), scaling, in_mask, seed, dropout_p, "da", bits)
@@ -1438,7 +1653,7 @@ def masked_lora_linear_backward_op(
                 lora_a,
                 scaling,
                 None,
-                out_kept,
+                out_axis,
                 in_mask,
                 seed,
                 dropout_p,
@@ -1474,7 +1689,7 @@ def _(
 ):
     return (
         x.new_empty((x.shape[0], weight.shape[0])),
-        x.new_empty((x.shape[0], lora_a.shape[0])),
+        x.new_empty((x.shape[0], hidden_width(lora_a.shape[0]))),
         x.new_empty(_keep_bits_shape(x, keep_bits, seed), dtype=torch.uint8),
     )
 
@@ -1607,9 +1822,10 @@ def masked_lora_linear(
     Arguments as :func:`loraprune.ops.masked_lora_linear` (validated there). Differentiable in
     ``x``, ``lora_a`` and ``lora_b``; the LoRA factors keep their dtype (their tiles are cast to
     the compute dtype in the kernels), ``x`` and ``weight`` are cast to the compute dtype (a
-    no-op, never a copy, when they already have it). ``plan``: the masks' cached
-    :class:`MaskPlan` (made here when not given); ``fast_paths``: the fast paths to take
-    (default: ``LORAPRUNE_MLL_FAST_PATHS``, see :data:`~loraprune.ops.masked_lora_linear.FAST_PATHS`).
+    no-op, never a copy, when they already have it). ``plan``: the masks' :class:`MaskPlan` (its
+    masks replace ``out_mask``/``in_mask``; made here when not given, gathering the output mask);
+    ``fast_paths``: the fast paths to take (default: ``LORAPRUNE_MLL_FAST_PATHS``, see
+    :func:`~loraprune.ops.masked_lora_linear.enabled_fast_paths`).
     """
     if torch.is_grad_enabled():
         for name, frozen in (("weight", weight), ("bias", bias)):

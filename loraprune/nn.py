@@ -10,6 +10,7 @@ masked structures zeroed.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,11 +23,47 @@ from loraprune.ops.masked_lora_linear import MaskPlan, enabled_fast_paths, maske
 from loraprune.structures import decoder_layers, projection_paths, unwrap_model
 
 
+def _host_reads_are_free(mask: torch.Tensor) -> bool:
+    """Whether reading a mask on the host costs no device synchronisation (CPU tensors)."""
+    return mask.device.type == "cpu"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class LoraPruneLinear(nn.Module):
     """``y = ((x⊙m_in) Wᵀ + b + s·drop(x⊙m_in) Aᵀ Bᵀ) ⊙ m_out`` with ``W``, ``b`` frozen.
 
     ``lora_A`` (r×in) and ``lora_B`` (out×r) are the trainable factors (``None`` when
     ``r == 0``: a frozen, maskable linear); ``out_mask`` and ``in_mask`` are bool keep-masks.
+
+    Masks may be edited in place, by ``set_masks`` (which copies into the same buffers),
+    ``load_state_dict``, in-place ops, or writes that bypass autograd's version counter
+    (``.data``, numpy, DLPack, a kernel); the next forward uses the edited masks:
+
+    - On CPU tensors every forward reads the masks on the host (free there) and passes only the
+      masked ones.
+    - Elsewhere (a GPU) the masked LoRA linear is always given both masks, and the host reads a mask
+      only once per version ``(data_ptr, _version)`` (``set_masks``, ``load_state_dict`` and
+      in-place ops make a new one; the writes that bypass the counter do not) to know whether it has
+      a masked feature. A mask known to be masked goes through its cached plan (the kernels gather
+      or skip the masked features), which the device compares with the live mask on every forward
+      and rebuilds when they differ (:class:`~loraprune.kernels.masked_lora_linear.CachedMaskPlan`:
+      one small launch, no host synchronisation, so a stale plan is never used and CUDA graphs
+      capture it); a mask not known to be masked is applied in place (every feature computed, the
+      masked ones zeroed), so that a write that bypassed the counter still takes effect, at the
+      price of the gather until the next ``set_masks`` (or any new version). A projection without
+      LoRA (``r == 0``), a quantized base and the importance criteria read the per-version answer
+      only: after a write that bypasses the counter on a GPU, call ``set_masks()`` (no arguments).
+
+    CUDA graphs: the plan's buffers are allocated once per mask and device and never freed while
+    the layer lives, so a captured graph never reads freed memory, and its replay re-checks the
+    plan against the (same) mask buffers: ``set_masks`` between replays takes effect. ``set_masks``
+    is refused during a capture. Run the captured step once eagerly before capturing (same shapes,
+    masks, training mode and fast paths): the kernels autotune on the first call with each new
+    key, which a capture forbids.
     """
 
     def __init__(
@@ -60,6 +97,10 @@ class LoraPruneLinear(nn.Module):
             "out_mask", torch.ones(self.out_features, dtype=torch.bool, device=weight.device)
         )
         self.register_buffer("in_mask", torch.ones(self.in_features, dtype=torch.bool, device=weight.device))
+        # Per mask: ((data_ptr, _version, device), has a masked feature); see _has_masked.
+        self._mask_flags: dict[str, tuple[tuple, bool]] = {}
+        # Per (mask, device): the cached plan's buffers, never dropped (a captured graph may use them).
+        self._plan_cache: dict[tuple[str, torch.device], object] = {}
         self._refresh_mask_flags()
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_mask_flags())
 
@@ -82,26 +123,83 @@ class LoraPruneLinear(nn.Module):
         return module
 
     def _refresh_mask_flags(self) -> None:
-        # Python-side flags so that the forward passes no mask (and syncs nothing) when all is kept.
-        self._out_masked = not bool(self.out_mask.all())
-        self._in_masked = not bool(self.in_mask.all())
-        self._mask_plan = None  # the masks changed: the kernels' plan is rebuilt on the next forward
+        """Read both masks on the host now (``set_masks``, ``load_state_dict``, construction)."""
+        self._mask_flags.clear()
+        self._has_masked("out_mask")
+        self._has_masked("in_mask")
 
-    def _kernel_plan(self, out_mask: torch.Tensor | None, in_mask: torch.Tensor | None) -> MaskPlan | None:
-        """The masks' :class:`MaskPlan` for the Triton kernels, built once per mask version (a new
-        tensor, an in-place edit, ``set_masks`` or ``load_state_dict``) instead of once per call."""
+    def _has_masked(self, name: str) -> bool:
+        """Whether the mask ``name`` has a masked feature: read on the host at every call where that
+        is free (CPU tensors), else once per version ``(data_ptr, _version)``; during a CUDA graph
+        capture and under ``torch.compile``, where it cannot be read, the last answer (``False``
+        when there is none: a mask is then applied in place, which is right whatever it holds)."""
+        mask = getattr(self, name)
+        known = self._mask_flags.get(name)
+        if torch.compiler.is_compiling():
+            return False if known is None else known[1]
+        key = (mask.data_ptr(), mask._version, mask.device)
+        if known is not None and known[0] == key and not _host_reads_are_free(mask):
+            return known[1]
+        if _capturing(mask.device):
+            return False if known is None else known[1]
+        masked = not bool(mask.all())
+        self._mask_flags[name] = (key, masked)
+        return masked
+
+    @property
+    def _out_masked(self) -> bool:
+        return self._has_masked("out_mask")
+
+    @property
+    def _in_masked(self) -> bool:
+        return self._has_masked("in_mask")
+
+    def _cached_plan(self, name: str):
+        """The :class:`~loraprune.kernels.masked_lora_linear.CachedMaskPlan` of mask ``name``, made
+        on first use per device and kept for the layer's lifetime (a captured graph may read it)."""
+        from loraprune.kernels.masked_lora_linear import CachedMaskPlan
+
+        mask = getattr(self, name)
+        key = (name, mask.device)
+        if key not in self._plan_cache:
+            self._plan_cache[key] = CachedMaskPlan(mask.shape[0], mask.device)
+        return self._plan_cache[key]
+
+    def _kernel_plan(
+        self, out_mask: torch.Tensor | None, in_mask: torch.Tensor | None, out_masked: bool, in_masked: bool
+    ) -> MaskPlan:
+        """The masks' :class:`MaskPlan` for the Triton kernels (called only when they run): a mask
+        known to be masked is gathered (output) or has its kept K tiles listed (input, ``k_tiles``),
+        through the cached plan refreshed on the device (``mask_cache``) or a plan made per call; a
+        mask not known to be masked is applied in place."""
         paths = enabled_fast_paths()
-        unmasked = out_mask is None and in_mask is None
-        if unmasked or "mask_cache" not in paths or torch.compiler.is_compiling():
-            return None
-        version = tuple((m.data_ptr(), m._version) for m in (self.out_mask, self.in_mask))
-        if self._mask_plan is None or self._mask_plan_version != version:
-            self._mask_plan = masked_lora_linear_plan(out_mask, in_mask, k_tiles="k_tiles" in paths)
-            self._mask_plan_version = version
-        return self._mask_plan
+        gather_out = out_mask is not None and out_masked
+        tiles_in = in_mask is not None and in_masked and "k_tiles" in paths
+        if "mask_cache" not in paths or torch.compiler.is_compiling():
+            return masked_lora_linear_plan(out_mask, in_mask, k_tiles=tiles_in, gather_out=gather_out)
+        out_plan = self._cached_plan("out_mask").refresh(self.out_mask) if gather_out else None
+        in_plan = self._cached_plan("in_mask").refresh(self.in_mask) if tiles_in else None
+        # The kernels read the snapshot the plan was built from: consistent with the plan even if
+        # the live mask is written between this forward and its backward.
+        return MaskPlan(
+            out_mask if out_plan is None else out_plan.snapshot,
+            in_mask if in_plan is None else in_plan.snapshot,
+            None if out_plan is None else out_plan.order,
+            None if out_plan is None else out_plan.count,
+            None if in_plan is None else in_plan.tiles,
+            None if in_plan is None else in_plan.tile_counts,
+        )
 
     def set_masks(self, out_mask: torch.Tensor | None = None, in_mask: torch.Tensor | None = None) -> None:
-        """Replace the keep-masks (bool, ``out_features`` / ``in_features`` long); ``None`` leaves one as is."""
+        """Replace the keep-masks (bool, ``out_features`` / ``in_features`` long, copied into the
+        layer's buffers); ``None`` leaves one as is; with no argument, re-read both (after a write
+        that bypassed autograd's version counter, see the class docstring). Refused while a CUDA
+        graph is being captured (the copy would be captured, and replayed)."""
+        if _capturing(self.out_mask.device):
+            raise RuntimeError(
+                "set_masks during a CUDA graph capture: change masks between replays instead (a replay "
+                "re-checks the cached plans against the mask buffers)"
+            )
         for name, mask, size in (
             ("out_mask", out_mask, self.out_features),
             ("in_mask", in_mask, self.in_features),
@@ -147,13 +245,16 @@ class LoraPruneLinear(nn.Module):
         return self._masked_forward(x)
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_mask = self.out_mask if self._out_masked else None
-        in_mask = self.in_mask if self._in_masked else None
+        out_masked, in_masked = self._out_masked, self._in_masked
         if self.lora_A is None:
-            if in_mask is not None:
-                x = x * in_mask.to(x.dtype)
+            if in_masked:
+                x = x * self.in_mask.to(x.dtype)
             y = F.linear(x, self.weight, self.bias)
-            return y if out_mask is None else y * out_mask.to(y.dtype)
+            return y * self.out_mask.to(y.dtype) if out_masked else y
+        # Without free host reads the masks are always passed (see the class docstring).
+        always = not _host_reads_are_free(self.out_mask) or torch.compiler.is_compiling()
+        out_mask = self.out_mask if out_masked or always else None
+        in_mask = self.in_mask if in_masked or always else None
         return ops.masked_lora_linear(
             x,
             self.weight,
@@ -167,7 +268,7 @@ class LoraPruneLinear(nn.Module):
             training=self.training,
             # The fused kernels compute no weight gradient; materialised taylor needs one.
             backend="torch" if self.weight.requires_grad else None,
-            plan=self._kernel_plan(out_mask, in_mask),
+            plan=functools.partial(self._kernel_plan, out_mask, in_mask, out_masked, in_masked),
         )
 
     def merged_linear(self) -> nn.Linear:

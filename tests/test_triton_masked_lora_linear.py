@@ -19,8 +19,10 @@ from conftest import TRITON_SKIP_REASON, requires_cuda
 from loraprune import ops
 from loraprune.ops._dispatch import triton_interpreter
 from loraprune.ops.masked_lora_linear import (
+    DEFAULT_FAST_PATHS,
     FAST_PATHS,
     K_TILE_WIDTHS,
+    enabled_fast_paths,
     masked_lora_linear_plan,
     masked_lora_linear_reference,
 )
@@ -141,19 +143,23 @@ SHAPES = {  # (leading shape of x, in, out, rank)
     "3d": ((2, 9), 70, 45, 19),
     "decode": ((2, 7), 70, 45, 19),  # 14 tokens: the fast paths take the one-launch decode kernel
 }
-# The kernels with every fast path off (the paths they replace) and on; each must match the reference.
-PATHS = {"old": frozenset(), "fast": frozenset(FAST_PATHS)}
-# The GEMM fast paths alone, and every path but tma (which takes precedence over lora_k_steps
-# where it fits): each must match the reference like the paths they accelerate.
+# The kernels with every fast path off (the paths they replace) and with the default set; each must
+# match the reference.
+PATHS = {"old": frozenset(), "default": frozenset(DEFAULT_FAST_PATHS)}
+# The GEMM fast paths alone, and all of them (tma takes precedence over lora_k_steps where it fits:
+# on the aligned shapes; the odd ones take lora_k_steps with every other path): each must match
+# the reference like the paths they accelerate.
 GEMM_PATHS = {
     "lora_k_steps": frozenset({"lora_k_steps"}),
     "persistent": frozenset({"persistent"}),
     "tma": frozenset({"tma"}),
-    "all_but_tma": frozenset(FAST_PATHS) - {"tma"},
+    "all": frozenset(FAST_PATHS),
 }
 ALL_PATHS = {**PATHS, **GEMM_PATHS}
-# For the slower mask and dropout cases: "fast" already takes tma and persistent where they fit.
-KEY_PATHS = {**PATHS, "lora_k_steps": GEMM_PATHS["lora_k_steps"], "all_but_tma": GEMM_PATHS["all_but_tma"]}
+# For the slower mask and dropout cases (aligned shapes, where "all" takes tma): lora_k_steps with
+# every other path instead.
+ALL_BUT_TMA = frozenset(FAST_PATHS) - {"tma"}
+KEY_PATHS = {**PATHS, "lora_k_steps": GEMM_PATHS["lora_k_steps"], "all_but_tma": ALL_BUT_TMA}
 
 
 def with_paths(paths: frozenset[str]):
@@ -277,15 +283,16 @@ def test_scattered_masked_features_are_never_loaded_nor_computed(monkeypatch):
         args = (layer["weight"], layer["bias"], layer["lora_a"], layer["lora_b"], layer["scaling"])
         return kernel.masked_lora_linear(layer["x"], *args, out_mask, None, 0.0, False)
 
-    # lora_k_steps (default on) reads B through s·B, a copy in the compute dtype: spy on it too.
+    # lora_k_steps (where it is enabled) reads B through s·B, a padded copy in the compute dtype:
+    # spy on it too.
     scaled_b: list[torch.Tensor] = []
-    scaled_factor = kernel._scaled_factor
+    k_steps_factor = kernel._k_steps_factor
 
-    def spy_scaled_factor(*args):
-        scaled_b.append(scaled_factor(*args))
+    def spy_k_steps_factor(*args):
+        scaled_b.append(k_steps_factor(*args))
         return scaled_b[-1]
 
-    monkeypatch.setattr(kernel, "_scaled_factor", spy_scaled_factor)
+    monkeypatch.setattr(kernel, "_k_steps_factor", spy_k_steps_factor)
     y = forward(out_mask)
     dots_masked = num_dots[0]
     b_rows = rows_loaded(scaled_b[0].t()) if scaled_b else rows_loaded(layer["lora_b"])
@@ -629,7 +636,7 @@ def test_dropout_bits_are_drawn_once_and_read_by_the_backward(monkeypatch):
     dX read the stored bits; the old path regenerates it in all three."""
     layer = make_layer((3, 11), 64, 72, 7)
     out_mask, in_mask = make_masks("both_random", 72, 64)
-    for paths, reads_bits in ((PATHS["fast"], True), (PATHS["old"], False)):
+    for paths, reads_bits in ((PATHS["default"], True), (PATHS["old"], False)):
         keys = autotune_keys_spy(monkeypatch)
         run(with_paths(paths), layer, out_mask, in_mask, 0.3, training=True)
         monkeypatch.undo()
@@ -662,7 +669,7 @@ def test_decode_is_one_launch_for_up_to_16_tokens(monkeypatch, num_tokens):
     layer = make_layer((num_tokens,), 70, 45, 6)
     out_mask, in_mask = make_masks("both_random", 45, 70)
     with torch.no_grad():
-        y = with_paths(PATHS["fast"])(
+        y = with_paths(PATHS["default"])(
             layer["x"], *[layer[k] for k in list(layer)[1:]], out_mask, in_mask, 0.0, False
         )
     launched = [flags["kernel"] for flags in launched_flags(keys)]
@@ -695,7 +702,7 @@ def test_decode_split_k_matches_reference(monkeypatch, shape, mask_kind, with_bi
     layer = make_layer(lead, in_features, out_features, rank, bias=with_bias)
     out_mask, in_mask = make_masks(mask_kind, out_features, in_features)
     expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
-    for paths in (frozenset({"decode_split_k"}), PATHS["fast"]):
+    for paths in (frozenset({"decode_split_k"}), GEMM_PATHS["all"]):
         keys = autotune_keys_spy(monkeypatch)
         with torch.no_grad():
             with_paths(paths)(layer["x"], *[layer[k] for k in list(layer)[1:]], out_mask, in_mask, 0.0, False)
@@ -711,20 +718,22 @@ def test_decode_split_k_matches_reference(monkeypatch, shape, mask_kind, with_bi
 @pytest.mark.parametrize("splits", [1, 2, 5, 16])
 @pytest.mark.parametrize("mask_kind", ["absent", "both_random"])
 def test_decode_split_k_any_split_count(splits, mask_kind):
-    """Y and H for any split count, trailing empty K ranges included (100 features over 16 splits
-    of whole 32-wide tiles leave 12 empty): their partials must be zeros, not garbage."""
-    layer = make_layer((5,), 100, 45, 6)
-    out_mask, in_mask = make_masks(mask_kind, 45, 100)
+    """Y and H for any split count, trailing empty K ranges included (300 features in 256-wide
+    granules: the splits after the second are empty): their partials must be zeros, not garbage;
+    H's columns past the rank (it is stored 16 wide) too."""
+    layer = make_layer((5,), 300, 45, 6)
+    out_mask, in_mask = make_masks(mask_kind, 45, 300)
     args = [layer[k].detach() for k in ("x", "weight", "bias", "lora_a", "lora_b")]
-    out_kept = kernel._out_kept(out_mask, None, None)
-    y, hidden = kernel._decode_split_k(*args, layer["scaling"], in_mask, out_kept, splits)
+    out_axis = kernel._out_axis(out_mask, *masked_lora_linear_plan(out_mask, None)[2:4])
+    y, hidden = kernel._decode_split_k(*args, layer["scaling"], in_mask, out_axis, splits)
     x, weight, bias, lora_a, lora_b = args
     expected = masked_lora_linear_reference(
         x, weight, bias, lora_a, lora_b, layer["scaling"], out_mask, in_mask
     )
     assert_close(y, expected, torch.float32)
     x_in = x if in_mask is None else x * in_mask
-    assert_close(hidden, x_in @ lora_a.t(), torch.float32)
+    assert hidden.shape == (5, 16) and not hidden[:, 6:].any()
+    assert_close(hidden[:, :6], x_in @ lora_a.t(), torch.float32)
 
 
 def test_decode_splits_only_where_k_is_long_and_output_tiles_few():
@@ -812,7 +821,7 @@ def test_k_tiles_skip_the_masked_tiles_of_an_input_masked_forward(monkeypatch):
 
     args = [layer[k] for k in ("weight", "bias", "lora_a", "lora_b", "scaling")]
     expected = masked_lora_linear_reference(layer["x"], *args, None, in_mask)
-    for paths, skipped in ((PATHS["fast"], set(range(32, 96))), (PATHS["old"], set())):
+    for paths, skipped in ((PATHS["default"], set(range(32, 96))), (PATHS["old"], set())):
         loaded.clear()
         with torch.no_grad():
             y = with_paths(paths)(layer["x"], *args, None, in_mask, 0.0, False)
@@ -839,7 +848,7 @@ def test_empty_input():
 
 
 @pytest.mark.parametrize("tokens", [19, 7], ids=["prefill", "decode"])
-@pytest.mark.parametrize("paths", [*PATHS.values(), GEMM_PATHS["all_but_tma"]], ids=[*PATHS, "all_but_tma"])
+@pytest.mark.parametrize("paths", [*PATHS.values(), ALL_BUT_TMA], ids=[*PATHS, "all_but_tma"])
 @pytest.mark.parametrize("with_dropout", [False, True], ids=["plain", "dropout"])
 def test_custom_op_passes_opcheck(with_dropout, paths, tokens):
     layer = make_layer((tokens,), 48, 40, 5)
@@ -1027,17 +1036,113 @@ def test_autocast_casts_to_the_autocast_dtype():
         assert_close(got, want, torch.bfloat16)
 
 
-def test_lora_prune_linear_builds_the_mask_plan_once_per_mask_version(monkeypatch):
-    """The mask_cache path: no argsort per forward or backward while the masks stay; a new plan
-    after set_masks, an in-place edit and load_state_dict, each giving the reference's result."""
+def lora_prune_layer(lead=(2, 9), in_features=48, out_features=40, rank=5):
+    """A LoraPruneLinear with random (non-zero) factors, and its input."""
     import loraprune.nn as lora_nn
 
-    monkeypatch.setenv("LORAPRUNE_BACKEND", "triton")
-    layer = make_layer((2, 9), 48, 40, 5)
-    module = lora_nn.LoraPruneLinear(layer["weight"], layer["bias"], 5, 8.5).to(DEVICE)
+    layer = make_layer(lead, in_features, out_features, rank)
+    module = lora_nn.LoraPruneLinear(layer["weight"], layer["bias"], rank, 8.5).to(DEVICE)
     with torch.no_grad():
         module.lora_A.copy_(layer["lora_a"])
         module.lora_B.copy_(layer["lora_b"])
+    return module, layer["x"].detach()
+
+
+def check_against_reference(module, x: torch.Tensor, grad_seed: int = 2) -> None:
+    """The module's forward and gradients (x, A, B) against the reference run on copies of its
+    current masks (what the torch backend computes)."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = module(x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y)
+    y.backward(grad_y)
+    ref = {
+        "x": x.detach().clone().requires_grad_(),
+        "lora_a": module.lora_A.detach().clone().requires_grad_(),
+    }
+    ref["lora_b"] = module.lora_B.detach().clone().requires_grad_()
+    y_ref = masked_lora_linear_reference(
+        ref["x"], module.weight, module.bias, ref["lora_a"], ref["lora_b"], module.scaling,
+        module.out_mask.clone(), module.in_mask.clone(),
+    )  # fmt: skip
+    y_ref.backward(grad_y)
+    for got, want in zip(
+        (y, x.grad, module.lora_A.grad, module.lora_B.grad), (y_ref, *(ref[k].grad for k in ref)), strict=True
+    ):
+        assert_close(got.detach(), want.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("host_reads", ["free", "synchronising"])
+@pytest.mark.parametrize("start", ["masked", "all_kept"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_mask_writes_that_bypass_the_version_counter_take_effect(monkeypatch, backend, start, host_reads):
+    """Issue #28, item 2: the cached plan was keyed on (data_ptr, _version), which a write through
+    ``.data`` leaves as it was, so the kernels gathered with a stale order (Y off by 3.6 and dB by
+    5.7 here) and the backward mixed it with the live mask; and a mask that was all kept was
+    ignored by both backends after such a write (Y off by 7.9). Forward and every gradient against
+    the reference on the live masks after each write; "synchronising": the masks are not read on
+    the host per call, as on a GPU (masks always passed, applied in place unless known masked)."""
+    import loraprune.nn as lora_nn
+
+    monkeypatch.setenv("LORAPRUNE_BACKEND", backend)
+    if host_reads == "synchronising":
+        monkeypatch.setattr(lora_nn, "_host_reads_are_free", lambda mask: False)
+    module, x = lora_prune_layer()
+    if start == "masked":
+        module.set_masks(*make_masks("both_random", 40, 48))
+    check_against_reference(module, x)
+    kept_out, kept_in = module.out_mask.nonzero().flatten(), module.in_mask.nonzero().flatten()
+    module.out_mask.data[kept_out[[0, 3]]] = False
+    module.in_mask.data[kept_in[:20]] = False
+    check_against_reference(module, x)
+    module.out_mask.data[:] = True  # masked features back
+    module.out_mask.data[-1] = False
+    check_against_reference(module, x)
+    if backend == "triton" and host_reads == "synchronising":
+        # The writes left the versions as they were: whether all is kept is the last known answer
+        # (all kept: applied in place, correct but without the gather), until set_masks() re-reads.
+        plan = module._kernel_plan(module.out_mask, module.in_mask, module._out_masked, module._in_masked)
+        assert (plan.out_order is not None) == (start == "masked")
+        module.set_masks()
+        plan = module._kernel_plan(module.out_mask, module.in_mask, module._out_masked, module._in_masked)
+        assert plan.out_order is not None and plan.in_tiles is not None
+        check_against_reference(module, x)
+
+
+def test_cached_mask_plan_matches_the_plan_and_is_rebuilt_only_when_the_mask_changes():
+    """The device-side refresh (one program: compare the mask with the plan's snapshot, rebuild
+    where they differ) gives masked_lora_linear_plan's order, count and K-tile lists, rebuilds
+    nothing for an unchanged mask, and keeps its buffers (their addresses) for good."""
+    for size in (1, 37, 80, 1100):
+        plan = kernel.CachedMaskPlan(size, DEVICE)
+        buffers = {name: getattr(plan, name).data_ptr() for name in ("snapshot", "order", "tiles", "count")}
+        for num_masked in (0, size // 3, size):
+            mask = scattered_mask(size, num_masked, seed=size + num_masked)
+            plan.refresh(mask)
+            expected = masked_lora_linear_plan(mask, mask)
+            assert torch.equal(plan.snapshot, mask) and plan.count.item() == expected.out_count.item()
+            assert torch.equal(plan.order, expected.out_order)
+            assert torch.equal(plan.tiles, expected.in_tiles)
+            assert torch.equal(plan.tile_counts, expected.in_tile_counts)
+        plan.order.fill_(-1)
+        plan.refresh(mask.clone())  # the same content: nothing rebuilt
+        assert (plan.order == -1).all()
+        mask[0] = not mask[0]
+        plan.refresh(mask)
+        assert torch.equal(plan.order, masked_lora_linear_plan(mask, None).out_order)
+        assert buffers == {name: getattr(plan, name).data_ptr() for name in buffers}
+
+
+def test_lora_prune_linear_caches_the_mask_plan_on_the_device(monkeypatch):
+    """The mask_cache path, on a layer whose masks are read on the host once per version (as on a
+    GPU): no plan built on the host and no argsort, per call or per mask change, the plan's buffers
+    refreshed in place (the same addresses after set_masks, an in-place edit and load_state_dict),
+    each forward and backward matching the reference; without mask_cache, a plan per call."""
+    import loraprune.nn as lora_nn
+
+    monkeypatch.setenv("LORAPRUNE_BACKEND", "triton")
+    monkeypatch.setattr(lora_nn, "_host_reads_are_free", lambda mask: False)
+    module, x = lora_prune_layer()
     builds, sorts = [0], [0]
     build_plan, argsort = lora_nn.masked_lora_linear_plan, torch.argsort
 
@@ -1051,34 +1156,253 @@ def test_lora_prune_linear_builds_the_mask_plan_once_per_mask_version(monkeypatc
 
     monkeypatch.setattr(lora_nn, "masked_lora_linear_plan", counting_build)
     monkeypatch.setattr(torch, "argsort", counting_argsort)
-
-    def check(expected_builds: int) -> None:
-        x = layer["x"].detach().requires_grad_()
-        y = module(x)
-        y.backward(torch.ones_like(y))
-        out_mask, in_mask = module.out_mask.clone(), module.in_mask.clone()
-        args = (module.weight, module.bias, module.lora_A, module.lora_B, module.scaling, out_mask, in_mask)
-        assert_close(y.detach(), masked_lora_linear_reference(x.detach(), *args).detach(), torch.float32)
-        assert builds[0] == expected_builds
-
-    out_mask, in_mask = make_masks("both_random", 40, 48)
-    module.set_masks(out_mask, in_mask)
-    check(1)
-    sorts_after_first = sorts[0]
-    check(1)
-    check(1)
-    assert sorts[0] == sorts_after_first  # no argsort once the plan is cached
+    module.set_masks(*make_masks("both_random", 40, 48))
+    check_against_reference(module, x)
+    plans = {key: (plan.order.data_ptr(), plan.tiles.data_ptr()) for key, plan in module._plan_cache.items()}
+    assert {name for name, _ in plans} == {"out_mask", "in_mask"}
     module.set_masks(out_mask=make_masks("head_blocks", 40, 48)[0])
-    check(2)
+    check_against_reference(module, x)
     with torch.no_grad():
-        module.in_mask[:8] = False  # an in-place edit bumps the mask's version
-    check(3)
+        module.in_mask[:8] = False
+    check_against_reference(module, x)
     state = {k: v.clone() for k, v in module.state_dict().items()}
-    state["out_mask"][:] = True
+    state["out_mask"][::3] = False
     module.load_state_dict(state)
-    check(4)
+    check_against_reference(module, x)
+    assert builds[0] == 0 and sorts[0] == 0
+    assert plans == {
+        key: (plan.order.data_ptr(), plan.tiles.data_ptr()) for key, plan in module._plan_cache.items()
+    }
     monkeypatch.setenv("LORAPRUNE_MLL_FAST_PATHS", "k_tiles,dropout_bits,decode")  # no mask_cache
-    check(4)
+    check_against_reference(module, x)
+    assert builds[0] == 1 and sorts[0] > 0
+
+
+def test_set_masks_is_refused_during_a_cuda_graph_capture(monkeypatch):
+    """Issue #28, item 3: the copy into the mask buffers would be captured (and replayed); masks
+    change between replays instead, which re-check the cached plans on the device."""
+    import loraprune.nn as lora_nn
+
+    module, _ = lora_prune_layer()
+    monkeypatch.setattr(lora_nn, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="capture"):
+        module.set_masks(out_mask=torch.zeros(40, dtype=torch.bool, device=DEVICE))
+    assert module.out_mask.all()
+
+
+def test_default_fast_paths_are_the_four_that_remove_work(monkeypatch):
+    """decode_split_k, lora_k_steps, persistent and tma stay selectable, off by default, until a
+    GPU run measures them faster than the paths they replace."""
+    monkeypatch.delenv("LORAPRUNE_MLL_FAST_PATHS", raising=False)
+    assert (
+        enabled_fast_paths() == {"mask_cache", "k_tiles", "dropout_bits", "decode"} == set(DEFAULT_FAST_PATHS)
+    )
+    for value, expected in (
+        ("default", set(DEFAULT_FAST_PATHS)),
+        ("all", set(FAST_PATHS)),
+        ("none", set()),
+        ("default,tma", {*DEFAULT_FAST_PATHS, "tma"}),
+        ("decode, lora_k_steps", {"decode", "lora_k_steps"}),
+    ):
+        monkeypatch.setenv("LORAPRUNE_MLL_FAST_PATHS", value)
+        assert enabled_fast_paths() == expected, value
+    monkeypatch.setenv("LORAPRUNE_MLL_FAST_PATHS", "default,fastest")
+    with pytest.raises(ValueError, match="fastest"):
+        enabled_fast_paths()
+
+
+IN_PLACE_CASES = {  # (leading shape of x, in, out, rank, fast paths): the GEMM, decode, split-K decode
+    "prefill": ((19,), 72, 66, 6, frozenset(DEFAULT_FAST_PATHS)),
+    "decode": ((7,), 72, 66, 6, frozenset(DEFAULT_FAST_PATHS)),
+    "split_k": ((7,), 600, 40, 5, frozenset({"decode_split_k"})),
+}
+
+
+@pytest.mark.parametrize("case", IN_PLACE_CASES.values(), ids=IN_PLACE_CASES.keys())
+def test_masks_applied_in_place_match_reference(case):
+    """A plan without the kept-first order applies the output mask in place (every feature computed,
+    the masked ones zeroed: what a layer does with a mask it does not know to be masked), in the
+    forward GEMM, the decode kernels and the backward; whole masked tiles included (head blocks)."""
+    lead, in_features, out_features, rank, paths = case
+    layer = make_layer(lead, in_features, out_features, rank)
+    out_mask, in_mask = make_masks("head_blocks", out_features, in_features)
+    plan = masked_lora_linear_plan(out_mask, in_mask, k_tiles=False, gather_out=False)
+    assert plan.out_order is None and plan.in_tiles is None
+    actual = run(
+        functools.partial(kernel.masked_lora_linear, plan=plan, fast_paths=paths), layer, out_mask, in_mask
+    )
+    expected = run(masked_lora_linear_reference, layer, out_mask, in_mask)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, torch.float32)
+    assert not actual[0][..., ~out_mask].any() and not actual[3][~out_mask].any()
+
+
+@pytest.mark.skipif(not triton_interpreter(), reason="the interpreter's target is sm_90 whatever the host")
+def test_tma_is_not_taken_for_overlapping_or_zero_row_strides(monkeypatch):
+    """Issue #28, item 4: a gradient expanded from one row (``y.backward(v.expand_as(y))``: row
+    stride 0) passed the 16-byte checks and became a TMA descriptor in dX; rows must not overlap."""
+    t = torch.zeros(8, 64)
+    assert kernel._tma_describable(t) and kernel._tma_describable(t.t())
+    assert not kernel._tma_describable(t[:1].expand(8, 64))
+    assert not kernel._tma_describable(torch.zeros(8 * 32 + 32).as_strided((8, 64), (32, 1)))
+    assert not kernel._tma_describable(t.t().contiguous().t()[:, :1].expand(8, 64).t())
+    launches = gemm_launches(monkeypatch)
+    lead, in_features, out_features, rank = GEMM_SHAPES["aligned"]
+    layer = make_layer(lead, in_features, out_features, rank)
+    out_mask, in_mask = make_masks("in_only", out_features, in_features)
+    row = torch.randn(out_features, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = []
+    for fn in (with_paths(GEMM_PATHS["tma"]), masked_lora_linear_reference):
+        x, a, b = (layer[k] for k in ("x", "lora_a", "lora_b"))
+        y = fn(x, layer["weight"], layer["bias"], a, b, layer["scaling"], out_mask, in_mask, 0.0, False)
+        grad_y = row.expand_as(y)
+        assert grad_y.stride(0) == 0
+        results.append((y.detach(), *torch.autograd.grad(y, (x, a, b), grad_y)))
+    by_kind = {launch["KIND"]: launch for launch in launches}
+    assert by_kind["forward"]["TMA"] and not by_kind["dx"]["TMA"]
+    for got, want in zip(*results, strict=True):
+        assert_close(got, want, torch.float32)
+
+
+def test_decode_split_k_ranges_do_not_depend_on_the_tuned_block(monkeypatch):
+    """Issue #28, item 5: each split's K range was rounded to the autotuned BLOCK_Q, so processes that
+    tuned differently summed different ranges (K = 1000 over 3 splits: 352 wide at BLOCK_Q 32, 384
+    at 64) and disagreed in the last bits. Each partial in the workspace is the product over whole
+    DECODE_SPLIT_GRANULE granules, whatever the config."""
+    import triton
+
+    layer = make_layer((5,), 1000, 45, 6)
+    args = [layer[k].detach() for k in ("x", "weight", "bias", "lora_a", "lora_b")]
+    x, weight = args[0].double(), args[1].double()
+    splits, granule = 3, kernel.DECODE_SPLIT_GRANULE
+    width = math.ceil(math.ceil(1000 / splits) / granule) * granule
+    empty = torch.empty
+    workspaces: list[torch.Tensor] = []
+
+    def spy_empty(*shape, **kwargs):
+        t = empty(*shape, **kwargs)
+        if kwargs.get("dtype") == torch.float32 and t.ndim == 3:
+            workspaces.append(t)
+        return t
+
+    for block_q in (32, 64):
+        monkeypatch.setattr(kernel._decode_split_kernel, "configs", [triton.Config({"BLOCK_Q": block_q})])
+        workspaces.clear()
+        monkeypatch.setattr(torch, "empty", spy_empty)
+        kernel._decode_split_k(*args, layer["scaling"], None, None, splits)
+        monkeypatch.setattr(torch, "empty", empty)
+        partials = workspaces[0]
+        for split in range(splits):
+            ks = slice(split * width, min((split + 1) * width, 1000))
+            expected = (x[:, ks] @ weight[:, ks].t()).float()
+            assert_close(partials[split], expected, torch.float32)
+
+
+def test_dropout_bits_of_skipped_k_tiles_are_written(monkeypatch):
+    """Issue #28, item 6: with kept K tiles the forward stored no keep bits for the skipped tiles
+    (an uninitialised buffer), while dA and dX read whole byte rows (compute-sanitizer's initcheck
+    would flag it). They are zeros now; the others are the keep-mask's bits."""
+    lead, in_features, out_features, rank = (19,), 160, 40, 5
+    layer = make_layer(lead, in_features, out_features, rank)
+    in_mask = torch.ones(in_features, dtype=torch.bool, device=DEVICE)
+    in_mask[32:96] = False  # two whole 32-wide tiles (the interpreter's BLOCK_Q)
+    in_mask[100] = False
+    plan = masked_lora_linear_plan(None, in_mask)
+    new_empty = torch.Tensor.new_empty
+
+    def poisoned_new_empty(self, *args, **kwargs):
+        t = new_empty(self, *args, **kwargs)
+        return t.fill_(0xA5) if t.dtype == torch.uint8 else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned_new_empty)
+    torch.manual_seed(3)
+    seed = kernel.draw_dropout_seed(DEVICE)
+    args = [layer[k].detach() for k in ("x", "weight", "bias", "lora_a", "lora_b")]
+    _, _, bits = torch.ops.loraprune.masked_lora_linear(
+        *args,
+        layer["scaling"],
+        None,
+        in_mask,
+        0.3,
+        seed,
+        None,
+        None,
+        plan.in_tiles,
+        plan.in_tile_counts,
+        True,
+    )
+    monkeypatch.undo()
+    keep = kernel.dropout_keep_mask(seed, 19, in_features, 0.3, dropout_bits=True)
+    keep[:, 32:96] = False
+    expected = (keep.view(19, in_features // 8, 8).int() << torch.arange(8, device=DEVICE)).sum(-1)
+    assert torch.equal(bits.int(), expected)
+
+
+@requires_cuda
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_cuda_graph_replays_follow_mask_changes(training):
+    """Issue #28, item 3: a graph captured with the layer's cached plans replays correctly after
+    set_masks (and after a write through .data) between replays: the plan's buffers are never freed
+    and each replay re-checks them on the device. The documented recipe: run the step once eagerly
+    (every autotune key tuned) before capturing; set_masks is refused during the capture."""
+    module, x = lora_prune_layer((2, 300), 4096, 4096, 8)
+    module = module.to(torch.bfloat16)
+    module.weight.requires_grad_(False)
+    module.train(training)
+    module.set_masks(scattered_mask(4096, 2048), scattered_mask(4096, 1024, seed=5))
+    static_x = x.to(torch.bfloat16).requires_grad_(training)
+
+    def step() -> torch.Tensor:
+        y = module(static_x)
+        if training:
+            y.backward(torch.ones_like(y))
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.set_grad_enabled(training):
+        for _ in range(2):  # the warm-up: every kernel compiled and tuned for these keys
+            module.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    module.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.set_grad_enabled(training):
+        static_y = step()
+        with pytest.raises(RuntimeError, match="capture"):
+            module.set_masks(out_mask=torch.ones(4096, dtype=torch.bool, device="cuda"))
+    static_grad_b = module.lora_B.grad  # written by each replay (None before the capture: assigned)
+    for change in ("set_masks", "data"):
+        if change == "set_masks":
+            module.set_masks(scattered_mask(4096, 1000, seed=7), scattered_mask(4096, 3000, seed=8))
+        else:
+            module.out_mask.data[module.out_mask.nonzero().flatten()[:100]] = False
+        graph.replay()
+        torch.cuda.synchronize()
+        module.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(training):
+            expected = step()
+        assert torch.equal(static_y, expected)
+        if training:
+            assert torch.equal(static_grad_b, module.lora_B.grad)
+        assert not static_y[..., ~module.out_mask].any()
+
+
+@requires_cuda
+def test_decode_split_k_is_bitwise_identical_across_tuned_configs(monkeypatch):
+    """Issue #28, item 5 on the device: every config of the split kernel gives the same bits (the
+    K ranges are whole granules, whichever BLOCK_Q the autotuner picked)."""
+    layer = make_layer((1,), 11008, 4096, 8, dtype=torch.bfloat16)
+    args = [layer[k].detach() for k in ("x", "weight", "bias", "lora_a", "lora_b")]
+    splits = kernel.decode_splits(4096, 11008, DEVICE)
+    assert splits > 1
+    configs = kernel._decode_split_kernel.configs
+    outputs = []
+    for config in configs:
+        monkeypatch.setattr(kernel._decode_split_kernel, "configs", [config])
+        outputs.append(kernel._decode_split_k(*args, layer["scaling"], None, None, splits))
+    for y, hidden in outputs[1:]:
+        assert torch.equal(y, outputs[0][0]) and torch.equal(hidden, outputs[0][1])
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)

@@ -10,6 +10,7 @@ the LoRA up-projection into one accumulator and skips fully masked output tiles.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from loraprune.ops._checks import FLOAT_DTYPES, check_scalar, check_tensor
 from loraprune.ops._dispatch import resolve
 
-# The Triton kernels' fast paths, each selectable next to the path it replaces until a GPU run
-# compares them (README, "Kernels and backends"); LORAPRUNE_MLL_FAST_PATHS=all|none|a,b,...
+# The Triton kernels' fast paths, each selectable next to the path it replaces (README, "Kernels and
+# backends"); LORAPRUNE_MLL_FAST_PATHS=default|all|none|a,b,... (a list may name "default").
 FAST_PATHS = (
     "mask_cache",
     "k_tiles",
@@ -30,35 +31,46 @@ FAST_PATHS = (
     "persistent",
     "tma",
 )
+# On by default: the paths that remove work outright (a review without a GPU could justify them).
+# decode_split_k, lora_k_steps, persistent and tma stay selectable, off by default, until a GPU run
+# measures them faster than the path they replace on the README's shapes.
+DEFAULT_FAST_PATHS = ("mask_cache", "k_tiles", "dropout_bits", "decode")
 FAST_PATHS_ENV = "LORAPRUNE_MLL_FAST_PATHS"
 # Widths of the K tiles whose kept lists a plan holds: every BLOCK_Q the kernels are tuned over.
 K_TILE_WIDTHS = (16, 32, 64, 128, 256)
 
 
 def enabled_fast_paths() -> frozenset[str]:
-    """The fast paths ``LORAPRUNE_MLL_FAST_PATHS`` enables (default: all)."""
-    value = os.environ.get(FAST_PATHS_ENV, "all").strip()
+    """The fast paths ``LORAPRUNE_MLL_FAST_PATHS`` enables: unset or ``default``:
+    :data:`DEFAULT_FAST_PATHS`; ``all``; ``none``; or a comma list of names (``default`` in it
+    stands for the default set, e.g. ``default,tma``)."""
+    value = os.environ.get(FAST_PATHS_ENV, "default").strip() or "default"
     if value == "all":
         return frozenset(FAST_PATHS)
-    names = frozenset(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    names = {n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"}
+    if "default" in names:
+        names = (names - {"default"}) | set(DEFAULT_FAST_PATHS)
     unknown = names - set(FAST_PATHS)
     if unknown:
         raise ValueError(f"{FAST_PATHS_ENV}: unknown fast paths {sorted(unknown)}; choose from {FAST_PATHS}")
-    return names
+    return frozenset(names)
 
 
 class MaskPlan(NamedTuple):
     """What the Triton kernels read of a layer's masks, computed on the device without a host
-    synchronisation, once per mask version when cached (``LoraPruneLinear``):
+    synchronisation (per call, or cached by ``LoraPruneLinear`` and refreshed on the device):
 
-    - ``out_mask``, ``in_mask``: the contiguous bool masks, or ``None`` (all kept);
+    - ``out_mask``, ``in_mask``: the contiguous bool masks the kernels read, or ``None`` (all kept);
     - ``out_order`` (int64), ``out_count`` (0-d int64): the kept output features in ascending
-      order, then the masked ones, and how many are kept;
+      order, then the masked ones, and how many are kept; the kernels then gather the kept
+      features (work scales with them). ``None`` with an ``out_mask``: the mask is applied in place
+      (every feature computed, the masked ones zeroed), which is what a layer does with a mask it
+      does not know to be masked;
     - ``in_tiles`` (int32): for each width of :data:`K_TILE_WIDTHS` in turn, the indices of the
       K tiles (input features ``[t·w, (t+1)·w)``) that hold a kept feature, ascending, then the
       others; ``in_tile_counts`` (int32): the kept-tile count per width (the kernels compute each
       list's offset from the widths). ``None`` when the input side is not masked or the plan was
-      made without ``k_tiles``.
+      made without ``k_tiles`` (the K loops then visit every tile).
     """
 
     out_mask: torch.Tensor | None
@@ -75,13 +87,14 @@ def _kept_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def masked_lora_linear_plan(
-    out_mask: torch.Tensor | None, in_mask: torch.Tensor | None, k_tiles: bool = True
+    out_mask: torch.Tensor | None, in_mask: torch.Tensor | None, k_tiles: bool = True, gather_out: bool = True
 ) -> MaskPlan:
-    """The :class:`MaskPlan` of a pair of bool keep-masks (either may be ``None``)."""
+    """The :class:`MaskPlan` of a pair of bool keep-masks (either may be ``None``); with
+    ``gather_out=False`` the output mask is applied in place (no kept-first order)."""
     out_mask = None if out_mask is None else out_mask.contiguous()
     in_mask = None if in_mask is None else in_mask.contiguous()
     out_order = out_count = in_tiles = in_tile_counts = None
-    if out_mask is not None:
+    if out_mask is not None and gather_out:
         out_order, out_count = _kept_first(out_mask)
     if in_mask is not None and k_tiles:
         orders, counts = [], []
@@ -176,7 +189,7 @@ def masked_lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     backend: str | None = None,
-    plan: MaskPlan | None = None,
+    plan: MaskPlan | Callable[[], MaskPlan] | None = None,
 ) -> torch.Tensor:
     """Forward of the masked LoRA linear (differentiable in ``x``, ``lora_a``, ``lora_b``).
 
@@ -188,8 +201,9 @@ def masked_lora_linear(
         out_mask, in_mask: bool keep-masks over output / input features, or ``None`` (keep all).
         dropout_p, training: dropout on the LoRA input, active only when ``training``.
         backend: force a backend (default: automatic, see ``loraprune.ops``).
-        plan: :func:`masked_lora_linear_plan` of these masks, cached by the caller while they do not
-            change (``LoraPruneLinear`` does) so that the Triton kernels do not rebuild it per call.
+        plan: the :class:`MaskPlan` of these masks for the Triton kernels (made per call when not
+            given), or a callable returning it, called only when the Triton kernels run
+            (``LoraPruneLinear`` passes its cached plan so).
     """
     validate(x, weight, bias, lora_a, lora_b, scaling, out_mask, in_mask, dropout_p)
     trainable = [n for n, t in (("weight", weight), ("bias", bias)) if t is not None and t.requires_grad]
@@ -200,4 +214,6 @@ def masked_lora_linear(
         }
     name, impl = resolve("masked_lora_linear", IMPLEMENTATIONS, x.device, backend, unsupported)
     args = (x, weight, bias, lora_a, lora_b, float(scaling), out_mask, in_mask, float(dropout_p), training)
-    return impl(*args, plan=plan) if name == "triton" else impl(*args)
+    if name != "triton":
+        return impl(*args)
+    return impl(*args, plan=plan() if callable(plan) else plan)
