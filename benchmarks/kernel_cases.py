@@ -294,7 +294,8 @@ def linear_cases(grid: Grid) -> list[LinearCase]:
 
 # --- fast paths of the Triton masked LoRA linear: each against its old path and the dense GEMM ---
 
-# triton-old: every fast path off; triton-path: only the case's path; triton: all (the default).
+# triton-old: every fast path off; triton-path: only the case's path; triton: all of them (not the
+# default set, which holds only mask_cache, k_tiles, dropout_bits and decode).
 FAST_PATH_PROVIDERS = ("triton-old", "dense", "triton-path", "triton")
 FAST_PATH_REFERENCE = "triton-old"
 # The fast paths of the masked GEMM itself (forward and dX), timed at prefill sizes.
