@@ -17,6 +17,11 @@ schedule, ratio and seed change. Methods (``--methods``):
   batches of the budget's batch size, each scored and averaged by the moving average where the
   official code takes one batch of 10).
 - ``taylor-long-cooldown``: ``taylor`` with a 5% warm-up and a 50% cool-down.
+- ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
+  its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
+  ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
+  the ratio (``benchmarks/torch_pruning_baseline.py``, one subprocess), then ``loraprune prune
+  PRUNED --ratio 0`` gives it the ``finetune`` recovery.
 - ``finetune``: the same LoRA fine-tuning without pruning (ratio 0): the reference for the
   damage pruning does, since fine-tuning alone moves perplexity.
 - ``dense``: the untouched fixture (``loraprune eval`` only).
@@ -63,6 +68,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, Recorder, Result, read_rows, shared_dir
+from benchmarks.torch_pruning_baseline import INSTALL as TORCH_PRUNING_INSTALL
+from benchmarks.torch_pruning_baseline import REPORT_NAME as TORCH_PRUNING_REPORT
 
 METHODS = {  # name: (criterion, mode, extra CLI flags)
     "lora": ("lora", "iterative", ()),
@@ -78,7 +85,12 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "llm-pruner": ("taylor", "oneshot", ("--calib-seq-len", "128")),
     # the schedule measured best at 128-token windows in shared/notes/real-model.md
     "taylor-long-cooldown": ("taylor", "iterative", ("--warmup", "0.05", "--cooldown", "0.5")),
+    # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
+    "tp-taylor": ("lora", "iterative", ()),
+    "tp-magnitude": ("lora", "iterative", ()),
 }
+TORCH_PRUNING = {"tp-taylor": "taylor", "tp-magnitude": "magnitude"}  # method: its importance
+TORCH_PRUNING_MODULE = "benchmarks.torch_pruning_baseline"
 LLM_PRUNER_SAMPLES = 10
 FINETUNE = "finetune"  # lora at ratio 0: fine-tuning alone
 REFERENCE = "dense"
@@ -146,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ratios", help="comma-separated pruning ratios (default 0.5,0.2; quick 0.5)")
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}"
+        "--methods",
+        help=f"comma-separated subset of {list(METHODS)} (default: all; the tp-* ones where torch-pruning "
+        "is installed)",
     )
     parser.add_argument(
         "--fixtures",
@@ -200,7 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         write_report(csv_path, args.results_dir, args.study)
         return 0
-    methods = _subset(args.methods, list(METHODS), "--methods")
+    methods = _subset(args.methods or ",".join(METHODS), list(METHODS), "--methods")
+    unavailable = [
+        m for m in methods if m in TORCH_PRUNING and importlib.util.find_spec("torch_pruning") is None
+    ]
+    if unavailable and args.methods:
+        raise SystemExit(
+            f"--methods {','.join(unavailable)}: torch-pruning is not installed ({TORCH_PRUNING_INSTALL})"
+        )
+    if unavailable:
+        print(
+            f"SKIPPED methods {', '.join(unavailable)}: torch-pruning is not installed ({TORCH_PRUNING_INSTALL})"
+        )
+        methods = [m for m in methods if m not in unavailable]
     fixtures = _subset(args.fixtures, [*FIXTURES, *PACKAGED_MODELS], "--fixtures")
     pairs = _subset(args.pairs, list(PAIRS), "--pairs")
     protocols = parse_protocols(args.protocols or ("128x32" if args.quick else "512"))
@@ -298,6 +324,17 @@ class QualityRun:
             return
         out = self.args.work_dir / f"{method}-{ratio:g}-{str(budget).replace(' ', '-')}-{self.dtype}"
         first_seq_len, first_windows = self.protocols[0]
+        kept_note = ""
+        if method in TORCH_PRUNING:
+            pruned = out.with_name(out.name + "-torch-pruning")
+            failure = self.torch_pruning(pruned, model, budget, method, ratio)
+            if failure:
+                for benchmark, *_ in pending:
+                    self.record(benchmark, budget, provider, None, "", note=failure, status="error")
+                return
+            tp_report = json.loads((pruned / TORCH_PRUNING_REPORT).read_text())
+            kept_note = f"Torch-Pruning kept {tp_report['parameters']['ratio']:.1%} of parameters; "
+            model, ratio = pruned, 0.0  # its recovery: the same run as FINETUNE's
         if not (out / REPORT_NAME).exists():
             criterion, mode, extra = METHODS.get(method, ("lora", "iterative", ()))
             if method == "llm-pruner":
@@ -319,10 +356,8 @@ class QualityRun:
                     self.record(benchmark, budget, provider, None, "", note=failure, status="error")
                 return
         report = json.loads((out / REPORT_NAME).read_text())
-        note = (
-            f"kept {report['parameters']['ratio']:.1%} of parameters; final loss {report['final_loss']:.3f}; "
-            f"{report['wall_time_s']:.0f} s"
-        )
+        note = kept_note or f"kept {report['parameters']['ratio']:.1%} of parameters; "
+        note += f"final loss {report['final_loss']:.3f}; {report['wall_time_s']:.0f} s"
         reported = dict(zip(eval_files, report["eval"], strict=True))  # --eval-data order
         rest = []
         for benchmark, name, protocol in pending:
@@ -331,6 +366,18 @@ class QualityRun:
             else:
                 rest.append((benchmark, name, protocol))
         self.evaluate_all(out, budget, provider, rest, eval_files, note)
+
+    def torch_pruning(self, out: Path, model: Path, budget: Budget, method: str, ratio: float) -> str:
+        """Torch-Pruning's one-shot prune of ``model`` into ``out`` unless done; '' or why it failed."""
+        if (out / TORCH_PRUNING_REPORT).exists():
+            return ""
+        calibration, _ = PAIRS[budget.pair]
+        command = [
+            *(str(model), "--data", str(shared_dir().joinpath(*calibration)), "--out", str(out)),
+            *("--ratio", str(ratio), "--importance", TORCH_PRUNING[method], "--seed", str(budget.seed)),
+            "--overwrite",  # a stopped run leaves at most a partial folder beside OUT
+        ]
+        return self.cli(command, module=TORCH_PRUNING_MODULE)
 
     def evaluate_all(
         self,
@@ -368,15 +415,23 @@ class QualityRun:
                 status = "error" if failure else "ok"
                 self.record(benchmark, budget, provider, value, "count", note=failure, status=status)
 
-    def cli(self, arguments: list[str], output: list[str] | None = None, runtime_flags: bool = True) -> str:
-        """Run ``loraprune ARGUMENTS`` on the study's device and dtype; returns '' or why it failed."""
-        command = [sys.executable, "-m", "loraprune.cli", *arguments]
+    def cli(
+        self,
+        arguments: list[str],
+        output: list[str] | None = None,
+        runtime_flags: bool = True,
+        module: str = "loraprune.cli",
+    ) -> str:
+        """Run ``loraprune ARGUMENTS`` (or ``python -m MODULE ARGUMENTS``) on the study's device and
+        dtype; returns '' or why it failed."""
+        command = [sys.executable, "-m", module, *arguments]
         if runtime_flags:
             command += ["--device", self.device.type, "--dtype", self.dtype, "--quiet"]
         env = dict(os.environ)
         if self.args.threads:
             env["OMP_NUM_THREADS"] = str(self.args.threads)
-        print("$ loraprune " + " ".join(arguments), flush=True)
+        name = "loraprune" if module == "loraprune.cli" else f"python -m {module}"
+        print(f"$ {name} " + " ".join(arguments), flush=True)
         try:
             done = subprocess.run(
                 command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.args.timeout, env=env
