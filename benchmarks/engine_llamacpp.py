@@ -11,16 +11,23 @@ shapes only. Each is exported with ``loraprune export gguf`` to every ``--outtyp
 ``--new-tokens`` tokens one at a time; tokens/s, median of ``--repeats`` after a warm-up, every
 engine at ``--threads`` threads. The same comparison runs in transformers (fp32, PyTorch eager,
 no ``torch.compile``; ``pp`` keeps the last position's logits only, ``tg`` is ``generate``).
-``ratio_to_reference`` = pruned / dense tokens/s in the same run (above 1: faster). Needs
-llama-cpp-python (the environment of ``.ci/engine_llamacpp.sh``) and ``$LORAPRUNE_SHARED`` for
-the fixture's tokenizer:
+``ratio_to_reference`` = pruned / dense tokens/s in the same run (above 1: faster). Every round
+times each model once, in turn, so that a change of load on a shared machine reaches every model
+alike. Beside the speeds, ``weight bytes`` rows give each file's size (GGUF) or parameters' bytes
+(transformers) over dense's: the bound on the decode speed-up, which reads every weight per token.
+
+``--models NAME=MODEL,...`` times real models instead, named as the CLI names them (a folder, a
+Hub id or a .gguf file); the first is the reference, named ``dense``. Needs llama-cpp-python (the
+environment of ``.ci/engine_llamacpp.sh``) and ``$LORAPRUNE_SHARED`` for the fixture's tokenizer:
 
     python -m benchmarks.engine_llamacpp [--layers 8] [--ratios 0.2,0.5] [--outtypes f16,q8_0,q4_k_m]
+    python -m benchmarks.engine_llamacpp --models dense=model.gguf,pruned50=runs/p50 --threads 1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import os
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import DEFAULT_RESULTS_DIR, Recorder, Result, read_rows, results_table, shared_dir
-from benchmarks.models import prune_without_training, random_llama
+from benchmarks.models import parameter_bytes, prune_without_training, random_llama, real_models
 
 STUDY = "engine_llamacpp"
 SMALL = {
@@ -60,8 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--threads", default=str(os.cpu_count()), help="comma-separated thread counts, each timed in turn"
+    )
+    parser.add_argument(
+        "--models",
+        help="NAME=MODEL,... real models to time instead of the random ones (the first is the reference)",
+    )
+    parser.add_argument(
+        "--label", help="the rows' shape label with --models (default: the first model's name)"
+    )
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--transformers-dtypes", default="float32", help="comma-separated dtypes of the transformers rows"
+    )
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     return parser
 
@@ -121,50 +140,74 @@ def gguf_file(folder: Path, outtype: str, root: Path) -> tuple[Path, str]:
     return out, "llama.cpp's quantizer on the f16 export"
 
 
-def time_llama_cpp(path: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """Prompt-processing and generation tokens/s of each timed round."""
+Rates = dict[str, tuple[list[float], list[float]]]  # per model: pp and tg tokens/s of each timed round
+
+
+def alternate(models: dict[str, object], one_round, repeats: int) -> Rates:
+    """``one_round(model) -> (pp, tg)`` for every model in turn, ``repeats`` times after a warm-up round."""
+    rates: Rates = {name: ([], []) for name in models}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, model in models.items():
+            pp, tg = one_round(model)
+            if round_:
+                rates[name][0].append(pp)
+                rates[name][1].append(tg)
+    return rates
+
+
+def prompt_ids(args: argparse.Namespace) -> list[int]:
+    """The same prompt for every model: ids in every vocabulary benchmarked (at least 8192 tokens)."""
+    return torch.randint(3, 8192, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def time_llama_cpp(paths: dict[str, Path], args: argparse.Namespace, threads: int) -> Rates:
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        str(path),
-        n_ctx=args.prompt_len + args.new_tokens + 8,
-        n_batch=args.prompt_len,
-        n_ubatch=args.prompt_len,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        flash_attn=True,  # without it llama.cpp pads every layer's V cache to the widest layer
-        verbose=False,
-    )
-    prompt = torch.randint(3, 8192, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    pp, tg = [], []
-    for round_ in range(args.repeats + 1):  # round 0 warms up
+    llms = {
+        name: llama_cpp.Llama(
+            str(path),
+            n_ctx=args.prompt_len + args.new_tokens + 8,
+            n_batch=args.prompt_len,
+            n_ubatch=args.prompt_len,
+            n_threads=threads,
+            n_threads_batch=threads,
+            flash_attn=True,  # without it llama.cpp pads every layer's V cache to the widest layer
+            verbose=False,
+        )
+        for name, path in paths.items()
+    }
+    prompt = prompt_ids(args)
+
+    def one_round(llm) -> tuple[float, float]:
         llm.reset()  # the next eval drops the KV cache from position 0 on
         start = time.perf_counter()
         llm.eval(prompt)
-        pp_rate = args.prompt_len / (time.perf_counter() - start)
+        pp = args.prompt_len / (time.perf_counter() - start)
         llm.reset()
         start = time.perf_counter()
         for token in prompt[: args.new_tokens]:
             llm.eval([token])
-        tg_rate = args.new_tokens / (time.perf_counter() - start)
-        if round_:
-            pp.append(pp_rate)
-            tg.append(tg_rate)
-    llm.close()
-    return pp, tg
+        return pp, args.new_tokens / (time.perf_counter() - start)
+
+    try:
+        return alternate(llms, one_round, args.repeats)
+    finally:
+        for llm in llms.values():
+            llm.close()
 
 
 @torch.no_grad()
-def time_transformers(folder: Path, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+def time_transformers(folders: dict[str, Path], args: argparse.Namespace, dtype: str, threads: int) -> Rates:
     import loraprune
 
-    model = loraprune.load_model(folder, dtype="float32").eval()
-    prompt = torch.randint(3, 8192, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    pp, tg = [], []
-    for round_ in range(args.repeats + 1):
+    torch.set_num_threads(threads)
+    models = {name: loraprune.load_model(folder, dtype=dtype).eval() for name, folder in folders.items()}
+    prompt = torch.tensor([prompt_ids(args)])
+
+    def one_round(model) -> tuple[float, float]:
         start = time.perf_counter()
         model(input_ids=prompt, logits_to_keep=1, use_cache=False)
-        pp_rate = args.prompt_len / (time.perf_counter() - start)
+        pp = args.prompt_len / (time.perf_counter() - start)
         start = time.perf_counter()
         model.generate(
             prompt[:, :1],
@@ -173,35 +216,59 @@ def time_transformers(folder: Path, args: argparse.Namespace) -> tuple[list[floa
             do_sample=False,
             pad_token_id=0,
         )
-        tg_rate = args.new_tokens / (time.perf_counter() - start)
-        if round_:
-            pp.append(pp_rate)
-            tg.append(tg_rate)
-    return pp, tg
+        return pp, args.new_tokens / (time.perf_counter() - start)
+
+    return alternate(models, one_round, args.repeats)
 
 
 def record(
-    recorder: Recorder, engine: str, name: str, shape: str, dtype: str, rates, note: str, args
+    recorder: Recorder,
+    engine: str,
+    shape: str,
+    dtype: str,
+    rates: Rates,
+    notes: dict[str, str],
+    threads: int,
+    args: argparse.Namespace,
 ) -> None:
     load = "load avg {:.1f}/{:.1f}".format(*os.getloadavg()[:2])
-    for benchmark, values, count in (("pp", rates[0], args.prompt_len), ("tg", rates[1], args.new_tokens)):
+    for name, (pp, tg) in rates.items():
+        for benchmark, values, count in (("pp", pp, args.prompt_len), ("tg", tg, args.new_tokens)):
+            recorder.record(
+                Result(
+                    f"{engine} {benchmark}{count}",
+                    name,
+                    shape,
+                    dtype,
+                    value=statistics.median(values),
+                    unit="tok/s",
+                    reference="" if name == "dense" else "dense",
+                    repetitions=len(values),
+                    note="; ".join(
+                        p for p in (notes.get(name, ""), f"{threads} threads", load, cpu_name()) if p
+                    ),
+                )
+            )
+
+
+def record_bytes(recorder: Recorder, engine: str, shape: str, dtype: str, sizes: dict[str, int]) -> None:
+    for name, size in sizes.items():
         recorder.record(
             Result(
-                f"{engine} {benchmark}{count}",
+                f"{engine} weight bytes",
                 name,
                 shape,
                 dtype,
-                value=statistics.median(values),
-                unit="tok/s",
+                value=size,
+                unit="B",
                 reference="" if name == "dense" else "dense",
-                repetitions=len(values),
-                note="; ".join(p for p in (note, f"{args.threads} threads", load, cpu_name()) if p),
+                note="the GGUF file" if engine == "llama.cpp" else "parameters, tied matrices once",
             )
         )
 
 
 def plot(path: Path, rows: list[dict[str, str]]) -> Path | None:
-    """Speed-up over dense per engine and type: one panel for pp, one for tg."""
+    """Speed-up over dense per engine, type and thread count: one panel for pp, one for tg."""
     try:
         import matplotlib
 
@@ -213,7 +280,9 @@ def plot(path: Path, rows: list[dict[str, str]]) -> Path | None:
     from benchmarks.plot import _save, grouped_bars
 
     rows = [
-        dict(r, shape=r["benchmark"].split()[0] + " " + r["dtype"]) for r in rows if r["ratio_to_reference"]
+        dict(r, shape=f"{r['benchmark'].split()[0]} {r['dtype']} {r['shape'].split()[-1]}")
+        for r in rows
+        if r["ratio_to_reference"] and r["unit"] == "tok/s"
     ]
     figure, panels = plt.subplots(1, 2, figsize=(12, 5))
     for axes, kind in zip(panels, ("pp", "tg"), strict=True):
@@ -225,16 +294,31 @@ def plot(path: Path, rows: list[dict[str, str]]) -> Path | None:
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
-    """pp and tg tokens/s and speed-ups per engine, type and variant (for the README)."""
-    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    """pp and tg tokens/s and speed-ups per engine, type, threads and model, with the weight bytes (for the README)."""
+    sizes = {
+        (r["benchmark"].split()[0], r["dtype"], r["provider"]): r["ratio_to_reference"]
+        for r in rows
+        if r["unit"] == "B"
+    }
+    cells: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for row in rows:
+        if row["unit"] != "tok/s":
+            continue
         engine, bench = row["benchmark"].split()
-        cell = cells.setdefault((engine, row["dtype"], row["provider"]), {})
-        ratio = f" ({float(row['ratio_to_reference']):.2f}x)" if row["ratio_to_reference"] else ""
+        cell = cells.setdefault((engine, row["dtype"], row["shape"].split()[-1], row["provider"]), {})
+        ratio = f" ({float(row['ratio_to_reference']):.2f}×)" if row["ratio_to_reference"] else ""
         cell[bench[:2]] = f"{float(row['value']):.1f}{ratio}"
-    lines = ["| engine | type | model | pp tok/s | tg tok/s |", "| --- | --- | --- | ---: | ---: |"]
-    for (engine, dtype, name), cell in cells.items():
-        lines.append(f"| {engine} | {dtype} | {name} | {cell.get('pp', '')} | {cell.get('tg', '')} |")
+    lines = [
+        "| engine | type | threads | model | pp tok/s | tg tok/s | weight bytes |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for (engine, dtype, threads, name), cell in cells.items():
+        size = sizes.get((engine, dtype, name))
+        size = f"{float(size):.2f}×" if size else ("1" if name == "dense" else "")
+        lines.append(
+            f"| {engine} | {dtype} | {threads.removeprefix('threads=')} | {name} | {cell.get('pp', '')} "
+            f"| {cell.get('tg', '')} | {size} |"
+        )
     return "\n".join(lines)
 
 
@@ -245,32 +329,52 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("SKIPPED the llama.cpp study: llama-cpp-python is not installed (bash .ci/engine_llamacpp.sh)")
         return 0
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     recorder = Recorder(args.results_dir, STUDY, torch.device("cpu"))
-    shape = f"small L={args.layers} pp{args.prompt_len} tg{args.new_tokens}"
     version = f"llama-cpp-python {llama_cpp.__version__}, gguf {importlib.metadata.version('gguf')}"
-    with tempfile.TemporaryDirectory(prefix="loraprune-llamacpp-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="loraprune-llamacpp-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         root = Path(tmp)
-        folders = write_models(args, root)
+        if args.models:
+            folders = real_models(args.models, stack)
+            label = args.label or args.models.split(",")[0].split("=")[0]
+        else:
+            folders = write_models(args, root)
+            label = f"small L={args.layers}"
+
+        def shape(count: int) -> str:
+            return f"{label} pp{args.prompt_len} tg{args.new_tokens} threads={count}"
+
         for outtype in args.outtypes.split(","):
-            for name, folder in folders.items():
-                path, note = gguf_file(folder, outtype, root)
-                rates = time_llama_cpp(path, args)
+            files = {name: gguf_file(folder, outtype, root) for name, folder in folders.items()}
+            paths = {name: path for name, (path, _) in files.items()}
+            notes = {name: f"{version}; {note}".rstrip("; ") for name, (_, note) in files.items()}
+            record_bytes(
+                recorder, "llama.cpp", label, outtype, {n: p.stat().st_size for n, p in paths.items()}
+            )
+            for count in threads:
                 record(
                     recorder,
                     "llama.cpp",
-                    name,
-                    shape,
+                    shape(count),
                     outtype,
-                    rates,
-                    f"{version}; {note}".rstrip("; "),
+                    time_llama_cpp(paths, args, count),
+                    notes,
+                    count,
                     args,
                 )
+            for path in paths.values():
                 path.unlink()
         if not args.skip_transformers:
-            for name, folder in folders.items():
-                rates = time_transformers(folder, args)
-                record(recorder, "transformers", name, shape, "float32", rates, "eager, sdpa", args)
+            for dtype in args.transformers_dtypes.split(","):
+                sizes = {name: parameter_bytes(folder, dtype) for name, folder in folders.items()}
+                record_bytes(recorder, "transformers", label, dtype, sizes)
+                notes = dict.fromkeys(folders, "eager, sdpa")
+                for count in threads:
+                    rates = time_transformers(folders, args, dtype, count)
+                    record(recorder, "transformers", shape(count), dtype, rates, notes, count, args)
     print(results_table(recorder.rows))
     run = recorder.rows[0]["run_id"]
     rows = [r for r in read_rows(recorder.path) if r["run_id"] == run]

@@ -9,15 +9,20 @@ layers differ, MLP widths rounded to ``--round-to``): throughput depends on the 
 engine serves the same ``--prompts`` prompts of ``--prompt-len`` random token ids and generates
 ``--new-tokens`` greedy tokens for each (EOS ignored); one warm-up round, then the median of
 ``--repeats`` timed rounds. Engines run one after another, each in vLLM's default setup (engine core
-in its own process). ``ratio_to_reference`` = pruned / dense (above 1: faster, or more KV cache).
-Needs vLLM (on the CPU: the environment of .ci/engine_vllm.sh):
+in its own process). ``ratio_to_reference`` = pruned / dense (above 1: faster, or more KV cache);
+``weight bytes`` rows give each model's parameter bytes over dense's. ``--models NAME=MODEL,...``
+serves real models instead, named as the CLI names them (a folder, a Hub id or a .gguf file); the
+first is the reference, named ``dense``. Needs vLLM (on the CPU: the environment of
+.ci/engine_vllm.sh):
 
     python -m benchmarks.engine_vllm [--shape small|llama7b] [--layers N] [--ratios 0.2,0.5]
+    python -m benchmarks.engine_vllm --models dense=model.gguf,pruned50=runs/p50 --new-tokens 128
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import os
@@ -29,7 +34,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import DEFAULT_RESULTS_DIR, Recorder, Result, dtype_name, results_table
-from benchmarks.models import llama7b_config, prune_without_training, random_llama
+from benchmarks.models import (
+    llama7b_config,
+    parameter_bytes,
+    prune_without_training,
+    random_llama,
+    real_models,
+)
 
 STUDY = "engine_vllm"
 SMALL = {
@@ -51,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=["small", "llama7b"], default="small")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     parser.add_argument("--ratios", default="0.2,0.5", help="comma-separated pruning ratios")
+    parser.add_argument(
+        "--models",
+        help="NAME=MODEL,... real models to serve instead of the random ones (the first is the reference)",
+    )
+    parser.add_argument(
+        "--label", help="the rows' shape label with --models (default: the first model's name)"
+    )
     parser.add_argument("--round-to", type=int, default=64, help="MLP widths kept at multiples of this")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: fp32 CPU, bf16 GPU"
@@ -135,15 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     recorder = Recorder(args.results_dir, STUDY, device)
-    shape = (
-        f"{args.shape} L={args.layers or model_config(args).num_hidden_layers} prompts={args.prompts}"
-        f" in={args.prompt_len} out={args.new_tokens}"
-    )
     import vllm
 
     note = f"vllm {vllm.__version__}"
-    with tempfile.TemporaryDirectory(prefix="loraprune-vllm-bench-") as root:
-        for name, path in write_models(args, device, dtype, Path(root)).items():
+    with tempfile.TemporaryDirectory(prefix="loraprune-vllm-bench-") as root, contextlib.ExitStack() as stack:
+        if args.models:
+            folders = real_models(args.models, stack)
+            label = args.label or args.models.split(",")[0].split("=")[0]
+        else:
+            folders = write_models(args, device, dtype, Path(root))
+            label = f"{args.shape} L={args.layers or model_config(args).num_hidden_layers}"
+        shape = f"{label} prompts={args.prompts} in={args.prompt_len} out={args.new_tokens}"
+        for name, path in folders.items():
             if on_gpu:
                 torch.cuda.empty_cache()
             rates, capacity = serve(path, args, dtype, on_gpu)
@@ -159,6 +180,18 @@ def main(argv: list[str] | None = None) -> int:
                     reference=reference,
                     repetitions=len(rates),
                     note=f"{note}; rounds {', '.join(f'{r:.1f}' for r in rates)}; load average {os.getloadavg()[0]:.1f}",
+                )
+            )
+            recorder.record(
+                Result(
+                    "vllm weight bytes",
+                    name,
+                    shape,
+                    dtype_name(dtype),
+                    value=parameter_bytes(path, dtype_name(dtype)),
+                    unit="B",
+                    reference=reference,
+                    note="parameters, tied matrices once",
                 )
             )
             if capacity:

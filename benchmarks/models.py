@@ -1,4 +1,5 @@
-"""LLaMA-7B-shaped models with random weights, pruned variants of them, and a tight decode loop.
+"""LLaMA-7B-shaped models with random weights, pruned variants of them, real models named as the
+CLI names them, and a tight decode loop.
 
 No checkpoint is downloaded: the model is built on the meta device in its final dtype and
 materialised directly on the target device, so a 7B model never needs twice its memory.
@@ -6,8 +7,10 @@ materialised directly on the target device, so a 7B model never needs twice its 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +102,32 @@ def prune_without_training(
     pruner.update_scores()
     pruner.prune()
     return pruner.compact().eval()
+
+
+def real_models(spec: str, stack: contextlib.ExitStack) -> dict[str, Path]:
+    """``NAME=MODEL,...`` as folders (a GGUF file is dequantized to a temporary one); the first is ``dense``."""
+    from loraprune.sources import model_folder, resolve_model
+
+    folders = {}
+    for index, item in enumerate(spec.split(",")):
+        name, sep, model = item.partition("=")
+        if not sep or not name or not model:
+            raise SystemExit(f"--models: {item!r} is not NAME=MODEL")
+        source = resolve_model(model, arg="--models")
+        folders["dense" if index == 0 else name] = stack.enter_context(model_folder(source, "float32"))
+    return folders
+
+
+def parameter_bytes(folder: Path, dtype: str) -> int:
+    """The weights' bytes at ``dtype`` (tied matrices once), from the checkpoint's tensor shapes."""
+    from safetensors import safe_open
+
+    elements = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as tensors:
+            names = tensors.keys()
+            elements += sum(math.prod(tensors.get_slice(name).get_shape()) for name in names)
+    return elements * getattr(torch, dtype).itemsize
 
 
 class StaticDecoder:
