@@ -6,7 +6,7 @@ magnitude without training (:func:`benchmarks.models.prune_without_training`: Lo
 choice and global ranking, so layers differ), once with MLP widths free (``round_to=1``) and once
 rounded to ``--round-to`` (default 256: what llama.cpp's k-quants need). Speed depends on the
 shapes only. Each is exported with ``loraprune export gguf`` to every ``--outtypes`` type
-(``q4_k_m``: llama.cpp's own quantizer run on the f16 file, as users do) and timed like
+(``q4_k_m``: llama.cpp's own quantizer, as ``loraprune export gguf`` runs it) and timed like
 ``llama-bench`` (flash attention on): ``pp``: one ``--prompt-len``-token batch from an empty context; ``tg``:
 ``--new-tokens`` tokens one at a time; tokens/s, median of ``--repeats`` after a warm-up, every
 engine at ``--threads`` threads. The same comparison runs in transformers (fp32, PyTorch eager,
@@ -117,27 +117,18 @@ def write_models(args: argparse.Namespace, root: Path) -> dict[str, Path]:
 
 
 def gguf_file(folder: Path, outtype: str, root: Path) -> tuple[Path, str]:
-    """The folder as a GGUF of ``outtype``, and what fell back to another type (a note)."""
+    """The folder as a GGUF of ``outtype`` (K-quants through llama.cpp's quantizer, as users export
+    them), and a note naming what is stored at a fallback type."""
     from loraprune.export import export_gguf
 
-    if outtype != "q4_k_m":
-        result = export_gguf(folder, root / f"{folder.name}-{outtype}.gguf", outtype=outtype)
-        note = (
-            f"{len(result.f16_fallback)} matrices f16 (rows not multiples of 32)"
-            if result.f16_fallback
-            else ""
-        )
-        return result.path, note
-    import llama_cpp
-
-    source, _ = gguf_file(folder, "f16", root)
-    out = root / f"{folder.name}-q4_k_m.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = os.cpu_count()
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {source} to Q4_K_M")
-    return out, "llama.cpp's quantizer on the f16 export"
+    result = export_gguf(folder, root / f"{folder.name}-{outtype}.gguf", outtype=outtype)
+    kinds = sorted(set(result.fallback.values()))
+    note = (
+        f"{len(result.fallback)} matrices {'/'.join(kinds)} (rows not multiples of {result.block})"
+        if result.fallback
+        else ""
+    )
+    return result.path, note
 
 
 Rates = dict[str, tuple[list[float], list[float]]]  # per model: pp and tg tokens/s of each timed round

@@ -455,10 +455,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.note:
         print(f"loraprune export: {result.note}", file=sys.stderr)
     print(f"wrote {result.path} ({result.outtype}, {result.tensors} tensors)")
-    if result.f16_fallback:
+    if result.fallback:
+        hint = (
+            f"; prune with --round-to {result.block} to keep MLP widths multiples of it"
+            if any(name.endswith("ffn_down.weight") for name in result.fallback)
+            else ""
+        )
+        stored = ", ".join(f"{name} ({kind})" for name, kind in result.fallback.items())
         print(
-            f"{len(result.f16_fallback)} matrices written f16, their rows not a multiple of 32 "
-            f"(prune with --round-to 32 for all-{result.outtype}): {', '.join(result.f16_fallback)}",
+            f"{len(result.fallback)} matrices stored at a type of smaller blocks than {result.outtype}'s, "
+            f"so bigger and slower: their rows are not multiples of {result.block}{hint}: {stored}",
             file=sys.stderr,
         )
     return 0

@@ -120,7 +120,7 @@ def test_pruned_tiny_models_round_trip_at_f32(name, tmp_path):
     model = pruned_tiny_model(name)
     folder = save_with_tokenizer(model, tmp_path / "model")
     result = export_gguf(folder, tmp_path / "model.gguf", outtype="f32")
-    assert result.path == tmp_path / "model.gguf" and result.f16_fallback == ()
+    assert result.path == tmp_path / "model.gguf" and result.fallback == {}
     reader = gguf.GGUFReader(result.path)
     shapes = [layer_shape(model, i) for i in range(4)]
     assert field(reader, "general.architecture") == "deci"
@@ -169,7 +169,7 @@ def test_half_precision_outtypes(outtype, ggml_type, tmp_path):
     assert tensors["blk.0.attn_q.weight"].tensor_type == types[ggml_type]
     assert tensors["blk.0.attn_norm.weight"].tensor_type == types.F32
     assert tensors["blk.0.attn_q.bias"].tensor_type == types.F32
-    assert result.f16_fallback == ()
+    assert result.fallback == {}
     assert_matches_model(result.path, model, atol={"f16": 1e-3, "bf16": 8e-3}[outtype])
 
 
@@ -184,7 +184,7 @@ def test_q8_0_writes_f16_where_rows_are_not_multiples_of_32(tiny_llama_dir, tmp_
     types = gguf.GGMLQuantizationType
     narrow = {f"blk.{i}.ffn_down.weight" for i in range(5)}
     assert model.get_submodule("model.layers.0.mlp.down_proj").in_features % 32 != 0
-    assert set(result.f16_fallback) == narrow
+    assert result.fallback == dict.fromkeys(narrow, "F16") and result.block == 32
     assert {tensors[n].tensor_type for n in narrow} == {types.F16}
     quantized = {n for n, t in tensors.items() if t.tensor_type == types.Q8_0}
     assert quantized == {n for n, t in tensors.items() if len(t.shape) == 2} - narrow

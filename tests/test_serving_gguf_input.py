@@ -16,6 +16,7 @@ from gguf_files import write_llama_gguf
 
 import loraprune
 from loraprune.cli import main
+from loraprune.export import export_gguf
 from loraprune.io import load_tokenizer
 
 pytestmark = pytest.mark.serving
@@ -87,3 +88,18 @@ def test_k_quants_through_llama_cpps_quantizer(tiny_llama_dir, tmp_path):
         assert file_type == "MOSTLY_Q4_K_M" and {"Q4_K", "Q6_K"} & set(types.values()), types
         assert len(llama_cpp_greedy(engine(tmp_path / name), [1, 504, 3458], 4, None)) == 4
     assert not list(tmp_path.glob(".*"))  # the full-precision intermediate files are gone
+
+
+def test_k_quant_fallbacks_are_reported(tiny_llama_dir, tmp_path, capsys):
+    """Matrices whose rows are not multiples of 256 are named with the type llama.cpp stored them at."""
+    result = export_gguf(tiny_llama_dir, tmp_path / "m.gguf", outtype="q4_k_m")
+    _, types = types_of(result.path)
+    reader = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    fallen = {n: t for n, t in types.items() if len(reader[n].shape) == 2 and t not in ("Q4_K", "Q6_K")}
+    assert result.block == 256 and result.fallback == fallen
+    assert fallen and all(int(reader[n].shape[0]) % 256 for n in fallen)  # the 384-wide rows
+    assert not any(n.endswith("ffn_down.weight") for n in fallen)  # 1024-wide rows quantize
+    assert main(["export", "gguf", str(tiny_llama_dir), str(tmp_path / "c.gguf"), "--outtype", "q4_k_m"]) == 0
+    error = capsys.readouterr().err
+    assert f"{len(fallen)} matrices stored at a type of smaller blocks than q4_k_m's" in error
+    assert "multiples of 256" in error and "--round-to" not in error

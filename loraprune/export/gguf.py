@@ -57,8 +57,11 @@ class GGUFExport:
     path: Path
     outtype: str
     tensors: int
-    # block types written here: tensors whose rows are not a multiple of the block size, written f16
-    f16_fallback: tuple[str, ...]
+    # matrices stored at a type of smaller blocks than the file's own (f16 in a q8_0 file, Q5_0 or
+    # Q8_0 in a K-quant one), by name: their rows are not a multiple of ``block``, so they are bigger
+    # and slower than the rest
+    fallback: dict[str, str]
+    block: int  # the block size of the file's own type (256 for the K-quants, 32 for q8_0, 1 for f16)
     note: str | None = None  # why ``outtype`` is not the type the model's GGUF source had
 
 
@@ -83,9 +86,10 @@ def export_gguf(
     or another llama.cpp file type (``q4_k_m``, ``q6_k``, ...) that llama-cpp-python's quantizer
     writes. Default: the type of the GGUF file the model was read from (``gguf_source`` in its
     config), else ``f16``; where that type needs llama-cpp-python and it is not installed, ``q8_0``
-    is written and ``note`` says why. The block types need rows that are multiples of 32; a
-    matrix whose rows are not (a pruned ``down_proj``: prune with ``--round-to 32``) is written
-    f16 and listed in ``f16_fallback``. ``name``: ``general.name`` (default: the folder's name).
+    is written and ``note`` says why. The block types need rows that are multiples of their block
+    (32 for q8_0, 256 for the K-quants); a matrix whose rows are not (a pruned ``down_proj``: prune
+    with ``--round-to``) is stored at a type of smaller blocks (f16 here; llama.cpp's quantizer picks
+    Q5_0, Q5_1 or Q8_0) and listed in ``fallback``. ``name``: ``general.name`` (default: the folder's name).
     Bad input raises before anything is written; the file appears complete or not at all.
     """
     gguf = _import_gguf()
@@ -138,12 +142,9 @@ def export_gguf(
         writer.add_token_list(vocab.tokens)
         writer.add_token_types(vocab.token_types)
         gguf.SpecialVocab(path, load_merges=True, n_vocab=config["vocab_size"]).add_to_gguf(writer)
-        fallback = []
         for tensor_name, array in tensors.items():
             tensor_type = "q8_0" if written in LOW_BIT_OUTTYPES and tensor_name == output_name else written
             data, raw_dtype = _encode(gguf, array, tensor_type)
-            if array.ndim == 2 and raw_dtype.name.lower() != tensor_type:
-                fallback.append(tensor_name)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -153,6 +154,7 @@ def export_gguf(
             quantized = tmp + ".quantized"
             _llama_cpp_quantize(gguf, tmp, quantized, outtype)
             os.replace(quantized, tmp)
+        fallback, block = _fallback(gguf, tmp, outtype)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> an ordinary file's mode
         os.replace(tmp, out)
     except BaseException:
@@ -160,7 +162,27 @@ def export_gguf(
         if quantized is not None:
             Path(quantized).unlink(missing_ok=True)
         raise
-    return GGUFExport(out, outtype, len(tensors), tuple(fallback), note)
+    return GGUFExport(out, outtype, len(tensors), fallback, block, note)
+
+
+def _fallback(gguf, path: str, outtype: str) -> tuple[dict[str, str], int]:
+    """The matrices stored at a type of smaller blocks than ``outtype``'s (or the file's largest), and that size."""
+    blocks = {
+        tensor.name: (tensor.tensor_type, gguf.GGML_QUANT_SIZES[tensor.tensor_type][0])
+        for tensor in gguf.GGUFReader(path).tensors
+        if len(tensor.shape) == 2
+    }
+    name = outtype.upper()
+    nominal = next(  # q8_0 -> Q8_0; a K-quant mix such as q4_k_m -> Q4_K
+        (
+            gguf.GGML_QUANT_SIZES[kind][0]
+            for kind in gguf.GGMLQuantizationType
+            if kind.name in (name, name.rsplit("_", 1)[0])
+        ),
+        1,
+    )
+    block = max([nominal, *(size for _, size in blocks.values())])
+    return {name: kind.name for name, (kind, size) in blocks.items() if size < block}, block
 
 
 def _import_gguf():
