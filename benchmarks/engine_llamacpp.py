@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratios", default="0.2,0.5", help="comma-separated pruning ratios")
     parser.add_argument("--round-to", type=int, default=256, help="MLP widths of the rounded variants")
     parser.add_argument(
-        "--outtypes", default="f16,q8_0,q4_k_m", help="GGUF types: f32, f16, bf16, q8_0, q4_k_m"
+        "--outtypes", default="f16,q8_0,q4_k_m", help="GGUF types: f32, f16, bf16, q8_0, q4_k_m (empty: none)"
     )
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         def shape(count: int) -> str:
             return f"{label} pp{args.prompt_len} tg{args.new_tokens} threads={count}"
 
-        for outtype in args.outtypes.split(","):
+        for outtype in filter(None, args.outtypes.split(",")):
             files = {name: gguf_file(folder, outtype, root) for name, folder in folders.items()}
             paths = {name: path for name, (path, _) in files.items()}
             notes = {name: f"{version}; {note}".rstrip("; ") for name, (_, note) in files.items()}
