@@ -536,8 +536,8 @@ def write_report(csv_path: Path, results_dir: Path, study: str = "quality") -> N
 
 
 def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> None:
-    """Perplexity per method and ratio (mean, std error bars), one panel per fixture × pair, for the
-    budget with the most results (first eval set of each pair; dashed: the dense fixture)."""
+    """Perplexity per method and ratio (mean, std error bars), one panel per fixture × pair × evaluation
+    protocol of the pair's first eval set, for the budget with the most results (dashed: the dense model)."""
     try:
         import matplotlib
 
@@ -551,11 +551,15 @@ def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> No
         return
     budgets = [k[0].split(" steps=", 1)[1] for k in pruned]
     budget = max(dict.fromkeys(budgets), key=budgets.count)
-    panels = list(dict.fromkeys(k[:2] for k in pruned if k[0].endswith(" steps=" + budget)))
+    pairs = list(dict.fromkeys(k[:2] for k in pruned if k[0].endswith(" steps=" + budget)))
+    panels = []
+    for pair in pairs:
+        benchmarks = list(dict.fromkeys(k[3] for k in values if k[:2] == pair))
+        test_set = benchmarks[0].split(" seq=")[0]
+        panels += [(pair, b) for b in benchmarks if b.split(" seq=")[0] == test_set]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    for ax, (panel, benchmark) in zip(axes[0], panels, strict=True):
         subset = {k: v for k, v in values.items() if k[:2] == panel}
-        benchmark = next(iter(dict.fromkeys(k[3] for k in subset)))
         providers = sorted((k[2] for k in subset if k[3] == benchmark), key=_provider_order)
         methods = list(dict.fromkeys(p.rsplit(" ", 1)[0] for p in providers if p != REFERENCE))
         ratios = sorted(
@@ -579,7 +583,7 @@ def plot(values: dict[tuple[str, str, str, str], list[float]], path: Path) -> No
         ax.set_ylabel(benchmark.removeprefix("perplexity "))
         ax.set_title(panel[0].split(" steps=")[0], fontsize=9)
         ax.legend(fontsize=7)
-    figure.suptitle(f"perplexity after pruning, mean ± std over seeds (steps={budget})", fontsize=9)
+    figure.suptitle(f"perplexity after pruning, mean ± std over seeds\n(steps={budget})", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
