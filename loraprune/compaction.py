@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from loraprune import ops
-from loraprune.models import PRUNED_CLASSES, set_attention_heads
+from loraprune.families import Family
+from loraprune.models import set_attention_heads
 from loraprune.nn import LoraPruneLinear
 from loraprune.quantization import QuantizedLoraPruneLinear
 from loraprune.structures import (
     decoder_layers,
     head_dim,
     layer_shape,
-    model_type,
+    model_family,
     projection_paths,
     unwrap_model,
 )
@@ -89,7 +90,7 @@ def compact(model: nn.Module) -> nn.Module:
     ``AutoModelForCausalLM.from_pretrained(dir)`` loads (after ``import loraprune``).
     """
     model = unwrap_model(model)
-    family = model_type(model)
+    family = model_family(model)
     old_plan = getattr(model.config, "pruned_layers", None)
     dim = head_dim(model)
     plan = []
@@ -170,8 +171,8 @@ def _plan_entry(kept_units: dict[str, torch.Tensor], previous: dict | None) -> d
     }
 
 
-def _convert(model: nn.Module, family: str, plan: list[dict]) -> nn.Module:
-    config_cls, model_cls = PRUNED_CLASSES[family]
+def _convert(model: nn.Module, family: Family, plan: list[dict]) -> nn.Module:
+    config_cls, model_cls = family.pruned_classes
     old_config = model.config
     data = old_config.to_dict()
     for key in (

@@ -38,7 +38,6 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # llama.cpp keeps the output matrix of these types at >= 6 bits (Q6_K, or Q8_0 when its rows are not
 # a multiple of 256); gguf-py cannot write Q6_K, so it is written Q8_0.
 LOW_BIT_OUTTYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
-ARCH = "deci"
 GGUF_SOURCE_KEY = "gguf_source"  # loraprune.sources records a GGUF input's type under this config key
 # Rope types whose frequencies are fixed per dimension (no attention factor, no dependence on length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
@@ -89,11 +88,14 @@ def export_gguf(
     Bad input raises before anything is written; the file appears complete or not at all.
     """
     gguf = _import_gguf()
+    from loraprune.families import family
     from loraprune.io import check_model_dir, load_model
     from loraprune.structures import decoder_layers, head_dim, layer_shape
 
     path = check_model_dir(model_dir)
     config = json.loads((path / "config.json").read_text())
+    # the family's llama.cpp architecture, or its refusal saying why there is none
+    architecture = family(config["model_type"], "model_dir").gguf_architecture(config)
     outtype, note = _choose_outtype(gguf, outtype, config)
     out = check_out(out, outtype, overwrite)
     _check_config(config)
@@ -117,7 +119,7 @@ def export_gguf(
     os.close(fd)
     quantized = None
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, architecture)
         writer.add_name(name or path.resolve().name)
         writer.add_file_type(_file_type(gguf, written))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
