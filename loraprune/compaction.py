@@ -185,14 +185,37 @@ def _convert(model: nn.Module, family: Family, plan: list[dict]) -> nn.Module:
         data.pop(key, None)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None  # loaded quantized, but the compacted projections are dense
+    state = None if family.fold is None else family.fold(model, data)  # pops what it folds from data
     new_config = config_cls(
         **data,
         pruned_layers=plan,
         architectures=[model_cls.__name__],
         attn_implementation=old_config._attn_implementation,
     )
+    if state is not None:
+        return _rebuild(model, model_cls, new_config, state)
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = new_config
     model.__class__ = model_cls  # a subclass adding only the plan-driven constructor: no state to convert
     return model
+
+
+def _rebuild(model: nn.Module, model_cls: type, config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``model_cls`` holding ``state`` (a folded family: its modules compute differently, so the class
+    cannot simply be swapped). Built on the meta device, then given the tensors themselves."""
+    with torch.device("meta"):
+        new = model_cls(config)
+    new.load_state_dict(state, assign=True)
+    new.tie_weights()
+    # non-persistent buffers (RoPE frequencies) are not in a state dict: the old model's are the same
+    for name, buffer in model.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        target = new.get_submodule(module_name)
+        if buffer_name in target._buffers and target._buffers[buffer_name].is_meta:
+            target._buffers[buffer_name] = buffer
+    left = [name for name, t in (*new.named_parameters(), *new.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"compaction of {type(model).__name__}: no values for {left}")
+    new.generation_config = model.generation_config
+    return new.train(model.training)

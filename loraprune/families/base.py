@@ -2,7 +2,8 @@
 
 A :class:`Family` names where the decoder layers are, the seven projections of a layer (the
 member matrices of its attention and MLP structures), the classes a pruned model of the family is
-saved as, which llama.cpp architecture its GGUF file uses (or why it has none), and which vLLM model class
+saved as, how its checkpoint becomes that class (``fold``: for families saved as another one),
+which llama.cpp architecture its GGUF file uses (or why it has none), and which vLLM model class
 serves it. Each family lives in its own folder beside this file; :mod:`loraprune.families`
 collects them.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 # (projection name, path inside a decoder layer): Hugging Face's LLaMA layout, one matrix each.
 LLAMA_PROJECTIONS: tuple[tuple[str, str], ...] = (
@@ -23,6 +27,9 @@ LLAMA_PROJECTIONS: tuple[tuple[str, str], ...] = (
     ("down_proj", "mlp.down_proj"),
 )
 VLLM_MODELS_MODULE = "loraprune.integrations.vllm_models"
+
+# (compacted model, config dict of the saved class, popped of what the fold absorbs) -> its state dict
+Fold = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,8 @@ class Family:
     vllm_model: str
     layers: str = "model.layers"
     projections: tuple[tuple[str, str], ...] = LLAMA_PROJECTIONS
+    # None: the pruned class is the family's own class, and compaction swaps the class in place
+    fold: Fold | None = None
 
     @property
     def pruned_model_type(self) -> str:

@@ -1,0 +1,182 @@
+"""Families beyond LLaMA's own checkpoints (Granite, Qwen3) on tiny random configs: pruned, compacted,
+saved, loaded where loraprune is not installed, and pruned again.
+
+Each config has head_dim != hidden/heads; GQA and MHA, tied and untied embeddings and the biases
+the family has are spread over the configs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from remote_code import NEW_TOKENS, PROMPT_LENGTH, load_without_loraprune
+from tiny_models import random_tokens, randomize_lora
+from transformers import AutoModelForCausalLM, GraniteConfig, GraniteForCausalLM
+
+from loraprune import LoraPruneConfig, LoraPruner
+from loraprune.cli import main
+from loraprune.export import export_gguf
+from loraprune.families import FAMILIES
+from loraprune.families.granite.fold import MULTIPLIERS
+
+# Granite 3.x's own multipliers (granite-3.1-2b: 12, 0.015625, 0.22, 8), none of them 1
+GRANITE_MULTIPLIERS = {
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.015625,
+    "residual_multiplier": 0.22,
+    "logits_scaling": 8.0,
+}
+# name -> (config class, model class, heads, KV heads, tied, biases)
+CONFIGS = {
+    "granite-gqa-tied-bias": (GraniteConfig, GraniteForCausalLM, 4, 2, True, True),
+    "granite-mha-untied": (GraniteConfig, GraniteForCausalLM, 4, 4, False, False),
+}
+HIDDEN, HEAD_DIM = 48, 16  # 4 heads of 16 != 48 / 4
+TOLERANCE = 1e-5  # fp32, on logits of scale ~1
+
+
+def family_model(name: str, layers: int = 4, seed: int = 0, vocab: int = 96) -> torch.nn.Module:
+    config_cls, model_cls, heads, kv_heads, tied, bias = CONFIGS[name]
+    extra = GRANITE_MULTIPLIERS | {"mlp_bias": bias} if config_cls is GraniteConfig else {}
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        attention_bias=bias,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # HF's 0.02 init gives near-uniform logits that hide mistakes
+        for param_name, param in model.named_parameters():
+            if param.ndim == 2 or param_name.endswith("bias"):
+                param.normal_(0, 0.2)
+    assert model.model.layers[0].self_attn.q_proj.out_features == heads * HEAD_DIM != HIDDEN
+    return model
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def masked_and_compacted(
+    model: torch.nn.Module, ratio: float = 0.5, lora: bool = True, **options
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Logits of ``model`` with masks (and random LoRA factors, unless ``lora`` is False) after a
+    gradient-scored prune, and the compacted model."""
+    options.setdefault("layers", (0, 1, 2))
+    pruner = LoraPruner(model, LoraPruneConfig(ratio=ratio, lora_dropout=0.0, ranking="global", **options))
+    if lora:
+        randomize_lora(pruner.model)
+    tokens = random_tokens()
+    pruner.model(input_ids=tokens, labels=tokens).loss.backward()
+    pruner.update_scores()
+    pruner.prune()
+    pruner.model.eval()
+    masked = logits(pruner.model, random_tokens(length=16))
+    return masked, pruner.compact().eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("gqa_unit", ["kv_group", "q_head"])
+def test_compacted_logits_equal_masked_logits(name, gqa_unit):
+    masked, model = masked_and_compacted(family_model(name), gqa_unit=gqa_unit)
+    family = FAMILIES[CONFIGS[name][0].model_type]
+    assert type(model) is family.pruned_classes[1] and model.config.model_type == family.pruned_model_type
+    widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert widths[3] == 40 and min(widths[:3]) < 40
+    error = float((logits(model, random_tokens(length=16)) - masked).abs().max())
+    assert error <= TOLERANCE, error
+
+
+@pytest.mark.parametrize("name", ["granite-gqa-tied-bias", "granite-mha-untied"])
+def test_granite_folds_into_llama_with_granite_logits(name):
+    granite = family_model(name)
+    tokens = random_tokens(length=16)
+    reference = logits(granite, tokens)
+    model = LoraPruner(granite, LoraPruneConfig(ratio=0.0)).compact().eval()  # nothing pruned: the fold alone
+    assert type(model).__name__ == "PrunedLlamaForCausalLM"
+    assert not any(hasattr(model.config, name) for name in MULTIPLIERS)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == CONFIGS[name][4]
+    error = float((logits(model, tokens) - reference).abs().max())
+    print(
+        f"{name}: Granite fold, max |logit difference| {error:.3g} (logits up to {reference.abs().max():.3g})"
+    )
+    assert error <= TOLERANCE, error
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_save_load_bit_exact_and_pruning_again_composes(name, tmp_path):
+    _, model = masked_and_compacted(family_model(name))
+    model.save_pretrained(tmp_path / "first")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", dtype=torch.float32).eval()
+    assert type(loaded) is type(model)
+    tokens = random_tokens(length=16)
+    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
+    first_plan = loaded.config.pruned_layers
+    # LoRA left at B = 0: the merge is tested above; here, the slicing of already sliced layers
+    masked, again = masked_and_compacted(loaded, lora=False, layers=(1, 2, 3))
+    assert float((logits(again, random_tokens(length=16)) - masked).abs().max()) <= TOLERANCE
+    for before, after in zip(first_plan, again.config.pruned_layers, strict=True):
+        for key in ("kept_heads", "kept_kv_heads", "kept_channels"):
+            assert set(after[key]) <= set(before[key]), key  # indices of the original model
+    assert again.config.pruned_layers[3]["intermediate_size"] < first_plan[3]["intermediate_size"] == 40
+
+
+def test_folders_load_without_loraprune_with_equal_outputs(tmp_path):
+    folders, models = {}, {}
+    for name in CONFIGS:
+        _, models[name] = masked_and_compacted(family_model(name))
+        folders[name] = tmp_path / name
+        models[name].save_pretrained(folders[name])
+    tokens = random_tokens(length=16)
+    results = load_without_loraprune(folders, tokens, tmp_path)
+    for name, folder in folders.items():
+        config = json.loads((folder / "config.json").read_text())
+        class_name, remote_logits, remote_greedy = results[name]
+        assert class_name == config["architectures"][0] == type(models[name]).__name__
+        assert torch.equal(remote_logits, logits(models[name], tokens)), name
+        greedy = models[name].generate(
+            tokens[:1, :PROMPT_LENGTH], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+        assert torch.equal(remote_greedy, greedy), name
+
+
+def with_tokenizer(model: torch.nn.Module, folder, tiny_llama_dir):
+    """``model`` saved with the tiny-llama fixture's tokenizer (its vocabulary: 8192)."""
+    model.save_pretrained(folder)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / file, folder / file)
+    return folder
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, calib_text, tmp_path):
+    dense = with_tokenizer(family_model(name, vocab=8192), tmp_path / "dense", tiny_llama_dir)
+    out = tmp_path / "out"
+    run = ["--ratio", "0.5", "--steps", "2", "--prune-every", "1", "--seq-len", "32", "--batch-size", "2"]
+    assert main(["prune", str(dense), "--data", str(calib_text), "--out", str(out), *run, "--quiet"]) == 0
+    family = FAMILIES[CONFIGS[name][0].model_type]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family.pruned_model_type
+    model = AutoModelForCausalLM.from_pretrained(out)
+    widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert min(widths) < 40 and (out / "tokenizer.json").is_file()
+
+
+def test_dense_granite_gguf_export_is_refused_with_the_reason_and_nothing_written(tiny_llama_dir, tmp_path):
+    dense = with_tokenizer(family_model("granite-mha-untied", vocab=8192), tmp_path / "dense", tiny_llama_dir)
+    with pytest.raises(ValueError, match=r"Granite.*multipliers.*prune it"):
+        export_gguf(dense, tmp_path / "m.gguf", outtype="f32")
+    assert list(tmp_path.iterdir()) == [dense]
