@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from remote_code import NEW_TOKENS, PROMPT_LENGTH, load_without_loraprune
@@ -190,8 +192,45 @@ def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, cal
     assert min(widths) < 40 and (out / "tokenizer.json").is_file()
 
 
-def test_dense_granite_gguf_export_is_refused_with_the_reason_and_nothing_written(tiny_llama_dir, tmp_path):
-    dense = with_tokenizer(family_model("granite-mha-untied", vocab=8192), tmp_path / "dense", tiny_llama_dir)
-    with pytest.raises(ValueError, match=r"Granite.*multipliers.*prune it"):
+def test_tied_qwen3_exports_as_openelm_with_per_layer_counts_and_fused_qkv(tiny_llama_dir, tmp_path):
+    _, model = masked_and_compacted(family_model("qwen3-gqa-tied", vocab=8192))
+    folder = with_tokenizer(model, tmp_path / "model", tiny_llama_dir)
+    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "m.gguf", outtype="f32").path)
+
+    def field(key: str):
+        return reader.fields[key].contents()
+
+    plan = model.config.pruned_layers
+    assert field("general.architecture") == "openelm"
+    assert field("openelm.attention.head_count") == [e["num_attention_heads"] for e in plan]
+    assert field("openelm.attention.head_count_kv") == [e["num_key_value_heads"] for e in plan]
+    assert field("openelm.feed_forward_length") == [e["intermediate_size"] for e in plan]
+    for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+        assert field(f"openelm.{key}") == HEAD_DIM
+    tensors = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    assert "output.weight" not in tensors  # openelm's output is token_embd
+    for index, layer in enumerate(model.model.layers):
+        attention = layer.self_attn
+        qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+        assert torch.equal(
+            torch.from_numpy(tensors[f"blk.{index}.attn_qkv.weight"]), qkv
+        )  # rotate-half: unpermuted
+        assert torch.equal(
+            torch.from_numpy(tensors[f"blk.{index}.attn_q_norm.weight"]), attention.q_norm.weight
+        )
+    state = model.state_dict()
+    assert len(tensors) == len(state) - 1 - 2 * len(plan)  # lm_head, and q/k/v fused into one
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("qwen3-mha-untied-bias", "untied embeddings.*one global head count.*openelm.*ties the output"),
+        ("granite-mha-untied", "dense Granite.*multipliers.*prune it"),
+    ],
+)
+def test_gguf_refusals_name_the_reason_and_write_nothing(name, reason, tiny_llama_dir, tmp_path):
+    dense = with_tokenizer(family_model(name, vocab=8192), tmp_path / "dense", tiny_llama_dir)
+    with pytest.raises(ValueError, match=reason):
         export_gguf(dense, tmp_path / "m.gguf", outtype="f32")
     assert list(tmp_path.iterdir()) == [dense]

@@ -5,7 +5,9 @@ llama.cpp's ``deci`` architecture builds every layer from per-layer arrays
 different widths, any per-layer GQA ratio and unpruned layers all load in stock llama.cpp;
 otherwise it computes what the ``llama`` architecture computes (RMSNorm, SwiGLU, RoPE on
 adjacent pairs, optional projection biases). llama.cpp's own converter writes one global head
-count, so the file is written here with gguf-py.
+count, so the file is written here with gguf-py. The model's family picks the architecture
+(:mod:`loraprune.families`): ``deci`` for the LLaMA-shaped families, ``openelm`` for a Qwen3 with
+tied embeddings (:mod:`loraprune.export.openelm`), or a refusal that says why there is none.
 
 Conventions, as llama.cpp's converter follows them for Llama: q/k rows (and biases) are permuted
 from Hugging Face's rotate-half layout to adjacent pairs, with each layer's own head counts;
@@ -88,6 +90,7 @@ def export_gguf(
     Bad input raises before anything is written; the file appears complete or not at all.
     """
     gguf = _import_gguf()
+    from loraprune.export.openelm import openelm_tensors
     from loraprune.families import family
     from loraprune.io import check_model_dir, load_model
     from loraprune.structures import decoder_layers, head_dim, layer_shape
@@ -110,7 +113,12 @@ def export_gguf(
     rope_freqs = _rope_freq_factors(model, config, dim)
     hf_config = model.config
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    tensors = _gguf_tensors(model, gguf, len(shapes), shapes, tied)
+    if architecture == "openelm":
+        if rope_freqs is not None:
+            raise ValueError("model_dir: scaled RoPE is not supported in llama.cpp's openelm (no rope_freqs)")
+        tensors = openelm_tensors(model, gguf, len(shapes))
+    else:
+        tensors = _gguf_tensors(model, gguf, len(shapes), shapes, tied)
     if rope_freqs is not None:
         tensors["rope_freqs.weight"] = rope_freqs
     output_name = "token_embd.weight" if tied else "output.weight"
