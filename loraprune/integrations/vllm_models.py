@@ -86,4 +86,9 @@ class PrunedQwen2ForCausalLM(LlamaForCausalLM):
 class PrunedQwen3ForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         _check(vllm_config)
+        if getattr(vllm_config.model_config.hf_config, "attention_bias", False):
+            raise ValueError(
+                "attention_bias: vLLM's Qwen3 attention has no o_proj bias (its loader would drop it); "
+                "serve this checkpoint with transformers"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=PrunedQwen3DecoderLayer)
