@@ -3,7 +3,9 @@
 Reads the keep-masks off the patched projections (so it also works on a model masked by hand),
 checks that they describe valid structures, replaces every projection by a dense ``nn.Linear``
 (``W' = (W + s·B·A)[rows][:, cols]``, fp32 merge) and turns the model, in place and without
-copying weights, into the family's pruned class with the plan in its config.
+copying weights, into the family's pruned class with the plan in its config. A family saved as
+another family's class (Granite as LLaMA) has its ``fold`` rewrite the weights that differ, and the
+model is rebuilt as that class around the same tensors.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def layer_keeps(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def compact(model: nn.Module) -> nn.Module:
-    """Remove masked structures, merge LoRA, and return the model as its pruned class (in place).
+    """Remove masked structures, merge LoRA, and return the model as its pruned class (in place,
+    except for a folded family, returned as a new model of its saved class).
 
     The result holds plain ``nn.Linear`` projections of per-layer sizes; its config records the
     plan, so ``model.save_pretrained(dir)`` writes a checkpoint that
@@ -218,4 +221,9 @@ def _rebuild(model: nn.Module, model_cls: type, config, state: dict[str, torch.T
     if left:
         raise RuntimeError(f"compaction of {type(model).__name__}: no values for {left}")
     new.generation_config = model.generation_config
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None:  # placed by accelerate over several devices: the new modules need its hooks
+        from accelerate import dispatch_model
+
+        new = dispatch_model(new, device_map=device_map)
     return new.train(model.training)

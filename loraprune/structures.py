@@ -71,11 +71,6 @@ def model_family(model: nn.Module) -> Family:
     return family(name)
 
 
-def model_type(model: nn.Module) -> str:
-    """The base family of ``model`` (``llama`` for a pruned ``loraprune_llama``); raises if unsupported."""
-    return model_family(model).model_type
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     path = model_family(model).layers
     model = unwrap_model(model)

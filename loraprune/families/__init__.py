@@ -7,11 +7,10 @@ family it is saved as. Adding a family is a folder with a :class:`Family` and a 
 from __future__ import annotations
 
 from loraprune.families import granite, llama, mistral, qwen2, qwen3
-from loraprune.families.base import LLAMA_PROJECTIONS, Family
+from loraprune.families.base import Family
 
 __all__ = [
     "FAMILIES",
-    "LLAMA_PROJECTIONS",
     "PRUNED_MODEL_TYPE_PREFIX",
     "SUPPORTED_MODEL_TYPES",
     "Family",
