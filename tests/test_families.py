@@ -30,7 +30,7 @@ from loraprune.export import export_gguf
 from loraprune.families import FAMILIES
 from loraprune.families.granite.fold import MULTIPLIERS
 
-# Granite 3.x's own multipliers (granite-3.1-2b: 12, 0.015625, 0.22, 8), none of them 1
+# multipliers of the size Granite 3.x checkpoints use, none of them 1
 GRANITE_MULTIPLIERS = {
     "embedding_multiplier": 12.0,
     "attention_multiplier": 0.015625,

@@ -190,7 +190,7 @@ def test_perplexity_matches_transformers_fp32(case, outtype, exports, wikitext_t
     assert abs(served / reference - 1) <= PPL_TOLERANCE[outtype], (reference, served)
 
 
-# Granite 3.x's multipliers (folded into LLaMA weights at compaction)
+# multipliers of the size Granite 3.x checkpoints use (folded into LLaMA weights at compaction)
 GRANITE = {
     "embedding_multiplier": 12.0,
     "attention_multiplier": 0.015625,
