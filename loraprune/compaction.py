@@ -3,7 +3,9 @@
 Reads the keep-masks off the patched projections (so it also works on a model masked by hand),
 checks that they describe valid structures, replaces every projection by a dense ``nn.Linear``
 (``W' = (W + s·B·A)[rows][:, cols]``, fp32 merge) and turns the model, in place and without
-copying weights, into the family's pruned class with the plan in its config.
+copying weights, into the family's pruned class with the plan in its config. A family saved as
+another family's class (Granite as LLaMA) has its ``fold`` rewrite the weights that differ, and the
+model is rebuilt as that class around the same tensors.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import torch
 from torch import nn
 
 from loraprune import ops
-from loraprune.models import PRUNED_CLASSES, set_attention_heads
+from loraprune.families import Family
+from loraprune.models import set_attention_heads
 from loraprune.nn import LoraPruneLinear
 from loraprune.quantization import QuantizedLoraPruneLinear
 from loraprune.structures import (
     decoder_layers,
     head_dim,
     layer_shape,
-    model_type,
+    model_family,
     projection_paths,
     unwrap_model,
 )
@@ -82,14 +85,15 @@ def layer_keeps(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def compact(model: nn.Module) -> nn.Module:
-    """Remove masked structures, merge LoRA, and return the model as its pruned class (in place).
+    """Remove masked structures, merge LoRA, and return the model as its pruned class (in place,
+    except for a folded family, returned as a new model of its saved class).
 
     The result holds plain ``nn.Linear`` projections of per-layer sizes; its config records the
     plan, so ``model.save_pretrained(dir)`` writes a checkpoint that
     ``AutoModelForCausalLM.from_pretrained(dir)`` loads (after ``import loraprune``).
     """
     model = unwrap_model(model)
-    family = model_type(model)
+    family = model_family(model)
     old_plan = getattr(model.config, "pruned_layers", None)
     dim = head_dim(model)
     plan = []
@@ -170,8 +174,8 @@ def _plan_entry(kept_units: dict[str, torch.Tensor], previous: dict | None) -> d
     }
 
 
-def _convert(model: nn.Module, family: str, plan: list[dict]) -> nn.Module:
-    config_cls, model_cls = PRUNED_CLASSES[family]
+def _convert(model: nn.Module, family: Family, plan: list[dict]) -> nn.Module:
+    config_cls, model_cls = family.pruned_classes
     old_config = model.config
     data = old_config.to_dict()
     for key in (
@@ -184,14 +188,42 @@ def _convert(model: nn.Module, family: str, plan: list[dict]) -> nn.Module:
         data.pop(key, None)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None  # loaded quantized, but the compacted projections are dense
+    state = None if family.fold is None else family.fold(model, data)  # pops what it folds from data
     new_config = config_cls(
         **data,
         pruned_layers=plan,
         architectures=[model_cls.__name__],
         attn_implementation=old_config._attn_implementation,
     )
+    if state is not None:
+        return _rebuild(model, model_cls, new_config, state)
     for module in model.modules():
         if getattr(module, "config", None) is old_config:
             module.config = new_config
     model.__class__ = model_cls  # a subclass adding only the plan-driven constructor: no state to convert
     return model
+
+
+def _rebuild(model: nn.Module, model_cls: type, config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``model_cls`` holding ``state`` (a folded family: its modules compute differently, so the class
+    cannot simply be swapped). Built on the meta device, then given the tensors themselves."""
+    with torch.device("meta"):
+        new = model_cls(config)
+    new.load_state_dict(state, assign=True)
+    new.tie_weights()
+    # non-persistent buffers (RoPE frequencies) are not in a state dict: the old model's are the same
+    for name, buffer in model.named_buffers():
+        module_name, _, buffer_name = name.rpartition(".")
+        target = new.get_submodule(module_name)
+        if buffer_name in target._buffers and target._buffers[buffer_name].is_meta:
+            target._buffers[buffer_name] = buffer
+    left = [name for name, t in (*new.named_parameters(), *new.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"compaction of {type(model).__name__}: no values for {left}")
+    new.generation_config = model.generation_config
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None:  # placed by accelerate over several devices: the new modules need its hooks
+        from accelerate import dispatch_model
+
+        new = dispatch_model(new, device_map=device_map)
+    return new.train(model.training)

@@ -8,7 +8,7 @@ installed. loraprune itself uses these same classes.
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 
 class PrunedLlamaConfig(LlamaConfig):
@@ -21,3 +21,7 @@ class PrunedMistralConfig(MistralConfig):
 
 class PrunedQwen2Config(Qwen2Config):
     model_type = "loraprune_qwen2"
+
+
+class PrunedQwen3Config(Qwen3Config):
+    model_type = "loraprune_qwen3"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from loraprune.structures import PRUNED_MODEL_TYPE_PREFIX, SUPPORTED_MODEL_TYPES
+from loraprune.families import family
 
 DTYPES = {
     "float32": torch.float32,
@@ -60,11 +60,7 @@ def check_model_dir(model_dir: str | os.PathLike, name: str = "model_dir") -> Pa
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{name}: cannot read {config_file}: {exc}") from None
-    if str(model_type).removeprefix(PRUNED_MODEL_TYPE_PREFIX) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{name}: unsupported architecture {model_type!r} (config.json model_type); supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family(model_type, name, "config.json model_type")
     return path
 
 

@@ -11,9 +11,14 @@ not installed. loraprune itself uses these same classes.
 from __future__ import annotations
 
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-from .configuration_loraprune import PrunedLlamaConfig, PrunedMistralConfig, PrunedQwen2Config
+from .configuration_loraprune import (
+    PrunedLlamaConfig,
+    PrunedMistralConfig,
+    PrunedQwen2Config,
+    PrunedQwen3Config,
+)
 
 PLAN_KEYS = (
     "num_attention_heads",
@@ -51,6 +56,12 @@ class PrunedMistralForCausalLM(PrunedModelMixin, MistralForCausalLM):
 
 class PrunedQwen2ForCausalLM(PrunedModelMixin, Qwen2ForCausalLM):
     config_class = PrunedQwen2Config
+
+
+class PrunedQwen3ForCausalLM(PrunedModelMixin, Qwen3ForCausalLM):
+    """Qwen3's q_norm/k_norm normalise each head over head_dim with weights all heads share: kept as they are."""
+
+    config_class = PrunedQwen3Config
 
 
 def validate_plan(plan: object, num_layers: int) -> list[dict]:

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loraprune.configuration_loraprune import PrunedLlamaConfig, PrunedMistralConfig, PrunedQwen2Config
+from loraprune.configuration_loraprune import (
+    PrunedLlamaConfig,
+    PrunedMistralConfig,
+    PrunedQwen2Config,
+    PrunedQwen3Config,
+)
 from loraprune.modeling_loraprune import (
     PLAN_KEYS,
     PrunedLlamaForCausalLM,
     PrunedMistralForCausalLM,
     PrunedQwen2ForCausalLM,
+    PrunedQwen3ForCausalLM,
     resize_layer,
     set_attention_heads,
     validate_plan,
@@ -40,6 +46,7 @@ PRUNED_CLASSES: dict[str, tuple[type, type]] = {
     "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
+    "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
 }
 
 

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from loraprune.export.gguf import GGUF_SOURCE_KEY
+from loraprune.families import SUPPORTED_MODEL_TYPES
 from loraprune.io import check_model_dir, parse_dtype
-from loraprune.structures import SUPPORTED_MODEL_TYPES
 
 # What a model folder needs from a Hub repository (not *.bin or *.gguf duplicates of the weights).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]

@@ -20,12 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from loraprune.config import LoraPruneConfig
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-PRUNED_MODEL_TYPE_PREFIX = "loraprune_"
-
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+from loraprune.families import Family, family
 
 
 @dataclass(frozen=True)
@@ -65,40 +60,30 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def model_type(model: nn.Module) -> str:
-    """The base family of ``model`` (``llama`` for a pruned ``loraprune_llama``); raises if unsupported."""
+def model_family(model: nn.Module) -> Family:
+    """The :class:`Family` of ``model`` (LLaMA's for a pruned ``loraprune_llama``); raises if unsupported."""
     config = getattr(unwrap_model(model), "config", None)
     name = getattr(config, "model_type", None)
     if name is None:
         raise TypeError(
             f"model: expected a Hugging Face causal LM, got {type(model).__name__} without a config"
         )
-    base = name.removeprefix(PRUNED_MODEL_TYPE_PREFIX)
-    if base not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model: unsupported architecture {name!r} (config.model_type); supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return base
+    return family(name)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    model_type(model)
+    path = model_family(model).layers
     model = unwrap_model(model)
     try:
-        return model.model.layers
+        return model.get_submodule(path)
     except AttributeError:
-        raise TypeError(
-            f"model: {type(model).__name__} has no model.layers; pass the *ForCausalLM model"
-        ) from None
+        raise TypeError(f"model: {type(model).__name__} has no {path}; pass the *ForCausalLM model") from None
 
 
 def projection_paths(model: nn.Module, layer: int) -> dict[str, str]:
-    """Module paths of the seven projections of decoder layer ``layer``."""
-    prefix = f"model.layers.{layer}"
-    paths = {name: f"{prefix}.self_attn.{name}" for name in ATTENTION_PROJECTIONS}
-    paths.update({name: f"{prefix}.mlp.{name}" for name in MLP_PROJECTIONS})
-    return paths
+    """Module paths of the seven projections of decoder layer ``layer``, as its family lays them out."""
+    spec = model_family(model)
+    return {name: f"{spec.layers}.{layer}.{path}" for name, path in spec.projections}
 
 
 def head_dim(model: nn.Module) -> int:

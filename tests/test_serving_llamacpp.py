@@ -17,7 +17,16 @@ import pytest
 import torch
 from conftest import shared_path
 from tiny_models import pruned_by_magnitude
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import loraprune
 from loraprune.export import export_gguf
@@ -181,23 +190,38 @@ def test_perplexity_matches_transformers_fp32(case, outtype, exports, wikitext_t
     assert abs(served / reference - 1) <= PPL_TOLERANCE[outtype], (reference, served)
 
 
+# multipliers of the size Granite 3.x checkpoints use (folded into LLaMA weights at compaction)
+GRANITE = {
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.015625,
+    "residual_multiplier": 0.22,
+    "logits_scaling": 8.0,
+}
+
+
 def random_model(family: str, rope: dict | None = None) -> torch.nn.Module:
-    """A small random model with the fixture's vocabulary (so it has a real tokenizer), GQA, 3 layers."""
-    config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    """A small random model with the fixture's vocabulary (so it has a real tokenizer), GQA, 3 layers;
+    Qwen3's head_dim 32 is not hidden/heads."""
+    config_cls, model_cls, extra = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"tie_word_embeddings": True, "hidden_size": 96}),
+        "granite": (GraniteConfig, GraniteForCausalLM, GRANITE),
     }[family]
     config = config_cls(
-        vocab_size=8192,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        tie_word_embeddings=family == "qwen2",
-        rope_parameters={"rope_theta": 10000.0, **(rope or {"rope_type": "default"})},
+        **{
+            "vocab_size": 8192,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+            "rope_parameters": {"rope_theta": 10000.0, **(rope or {"rope_type": "default"})},
+            **extra,
+        }
     )
     torch.manual_seed(0)
     model = model_cls(config).eval()
@@ -205,6 +229,8 @@ def random_model(family: str, rope: dict | None = None) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if param.ndim == 2 or name.endswith("bias"):
                 param.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's per-head norms
+                param.normal_(1, 0.2)
     return model
 
 
@@ -273,3 +299,37 @@ def test_llama3_and_qwen2_splits_tokenize_as_transformers(pre, tiny_llama_dir, t
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     for text in TOKENIZER_TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True) == hf(text)["input_ids"], text
+
+
+@pytest.mark.parametrize(("family", "architecture"), [("qwen3", "openelm"), ("granite", "deci")])
+def test_pruned_qwen3_and_granite_give_transformers_greedy_tokens_at_f32(
+    family, architecture, tiny_llama_dir, tmp_path
+):
+    """A tied Qwen3 through llama.cpp's openelm; Granite folded into LLaMA, through deci."""
+    model = pruned_by_magnitude(random_model(family), 0.5, layers=(0, 1))  # layer 2 stays whole
+    model.save_pretrained(tmp_path / "model")
+    load_tokenizer(tiny_llama_dir).save_pretrained(tmp_path / "model")
+    model = loraprune.load_model(tmp_path / "model").eval()
+    path = export_gguf(tmp_path / "model", tmp_path / "m.gguf", outtype="f32").path
+    assert gguf_architecture(path) == architecture
+    llm = engine(path)
+    tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.eval(tokens)
+    served = torch.from_numpy(np.array(llm.scores[: len(tokens)]))
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([tokens])).logits[0]
+    error = float((served - reference).abs().max() / reference.abs().max())
+    print(
+        f"{family} ({architecture}): llama.cpp f32 vs transformers fp32, max relative logit difference {error:.3g}"
+    )
+    assert error < 1e-4, error
+    prompt = tokens[:20]
+    assert llama_cpp_greedy(llm, prompt, NEW_TOKENS, None) == transformers_greedy(
+        model, prompt, NEW_TOKENS, None
+    )
+
+
+def gguf_architecture(path: Path) -> str:
+    import gguf
+
+    return gguf.GGUFReader(path).fields["general.architecture"].contents()

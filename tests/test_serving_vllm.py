@@ -188,24 +188,51 @@ def test_fixture_models_give_transformers_greedy_tokens(fixture, ratio, gqa_unit
 
 
 def random_family_model(family: str, out: Path) -> Path:
-    """A small random Mistral or Qwen2 (q/k/v biases), GQA, head size 32 (one the CPU backend has),
-    pruned at 50%: the two families whose vLLM classes differ from LLaMA's."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A small random model pruned at 50%, GQA, head size 32 (one the CPU backend has): Mistral, Qwen2
+    (q/k/v biases) and Qwen3 (q/k norms, head_dim 32 != hidden/heads; tied or untied, with biases),
+    whose vLLM classes differ from LLaMA's, and Granite (its multipliers, folded at compaction:
+    served as LLaMA)."""
+    from transformers import (
+        GraniteConfig,
+        GraniteForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    config_cls, model_cls = {
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    config_cls, model_cls, extra = {
+        "mistral": (MistralConfig, MistralForCausalLM, {}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"hidden_size": 96, "tie_word_embeddings": True}),
+        "qwen3-untied": (Qwen3Config, Qwen3ForCausalLM, {"hidden_size": 96}),
+        "qwen3-bias": (Qwen3Config, Qwen3ForCausalLM, {"hidden_size": 96, "attention_bias": True}),
+        "granite": (
+            GraniteConfig,
+            GraniteForCausalLM,
+            {
+                "embedding_multiplier": 12.0,
+                "attention_multiplier": 0.015625,
+                "residual_multiplier": 0.22,
+                "logits_scaling": 8.0,
+            },
+        ),
     }[family]
     config = config_cls(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=192,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        tie_word_embeddings=family == "qwen2",
+        **{
+            "vocab_size": 512,
+            "hidden_size": 128,
+            "intermediate_size": 192,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+            **extra,
+        }
     )
     torch.manual_seed(0)
     model = model_cls(config).float().eval()
@@ -213,6 +240,8 @@ def random_family_model(family: str, out: Path) -> Path:
         for name, param in model.named_parameters():
             if param.ndim == 2 or name.endswith("bias"):
                 param.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.2)
     shapes = prune(model, 0.5, "kv_group", out)
     assert len(set(shapes)) > 1
     return out
@@ -223,6 +252,28 @@ def test_pruned_mistral_and_qwen2_give_transformers_greedy_tokens(family, tmp_pa
     model_dir = random_family_model(family, tmp_path / family)
     prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
     assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [
+        ("granite", "PrunedLlamaForCausalLM"),
+        ("qwen3", "PrunedQwen3ForCausalLM"),
+        ("qwen3-untied", "PrunedQwen3ForCausalLM"),
+    ],
+)
+def test_pruned_granite_and_qwen3_give_transformers_greedy_tokens(family, architecture, tmp_path):
+    model_dir = random_family_model(family, tmp_path / family)
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == [architecture]
+    prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
+
+
+def test_qwen3_with_attention_bias_is_refused_naming_the_reason(tmp_path):
+    """vLLM's Qwen3 attention has no o_proj bias: served, the bias would be dropped without a word."""
+    model_dir = random_family_model("qwen3-bias", tmp_path / "qwen3")
+    with pytest.raises(Exception, match="attention_bias: vLLM's Qwen3 attention has no o_proj bias"):
+        vllm_greedy(model_dir, [[1, 2, 3]])
 
 
 def test_register_is_idempotent():

@@ -49,7 +49,13 @@ def kept(units: int, ratio: float, blocks: int = 1, round_to: int = 1) -> int:
 
 
 def test_architectures_are_the_ones_compact_writes():
-    assert ARCHITECTURES == ("PrunedLlamaForCausalLM", "PrunedMistralForCausalLM", "PrunedQwen2ForCausalLM")
+    # Granite is saved as (and served as) LLaMA
+    assert ARCHITECTURES == (
+        "PrunedLlamaForCausalLM",
+        "PrunedMistralForCausalLM",
+        "PrunedQwen2ForCausalLM",
+        "PrunedQwen3ForCausalLM",
+    )
 
 
 def test_layer_shapes_of_a_dense_config_repeat_the_global_counts():

@@ -5,7 +5,9 @@ llama.cpp's ``deci`` architecture builds every layer from per-layer arrays
 different widths, any per-layer GQA ratio and unpruned layers all load in stock llama.cpp;
 otherwise it computes what the ``llama`` architecture computes (RMSNorm, SwiGLU, RoPE on
 adjacent pairs, optional projection biases). llama.cpp's own converter writes one global head
-count, so the file is written here with gguf-py.
+count, so the file is written here with gguf-py. The model's family picks the architecture
+(:mod:`loraprune.families`): ``deci`` for the LLaMA-shaped families, ``openelm`` for a Qwen3 with
+tied embeddings (:mod:`loraprune.export.openelm`), or a refusal that says why there is none.
 
 Conventions, as llama.cpp's converter follows them for Llama: q/k rows (and biases) are permuted
 from Hugging Face's rotate-half layout to adjacent pairs, with each layer's own head counts;
@@ -38,7 +40,6 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # llama.cpp keeps the output matrix of these types at >= 6 bits (Q6_K, or Q8_0 when its rows are not
 # a multiple of 256); gguf-py cannot write Q6_K, so it is written Q8_0.
 LOW_BIT_OUTTYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
-ARCH = "deci"
 GGUF_SOURCE_KEY = "gguf_source"  # loraprune.sources records a GGUF input's type under this config key
 # Rope types whose frequencies are fixed per dimension (no attention factor, no dependence on length).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
@@ -93,11 +94,15 @@ def export_gguf(
     Bad input raises before anything is written; the file appears complete or not at all.
     """
     gguf = _import_gguf()
+    from loraprune.export.openelm import openelm_tensors
+    from loraprune.families import family
     from loraprune.io import check_model_dir, load_model
     from loraprune.structures import decoder_layers, head_dim, layer_shape
 
     path = check_model_dir(model_dir)
     config = json.loads((path / "config.json").read_text())
+    # the family's llama.cpp architecture, or its refusal saying why there is none
+    architecture = family(config["model_type"], "model_dir").gguf_architecture(config)
     outtype, note = _choose_outtype(gguf, outtype, config)
     out = check_out(out, outtype, overwrite)
     _check_config(config)
@@ -112,7 +117,12 @@ def export_gguf(
     rope_freqs = _rope_freq_factors(model, config, dim)
     hf_config = model.config
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    tensors = _gguf_tensors(model, gguf, len(shapes), shapes, tied)
+    if architecture == "openelm":
+        if rope_freqs is not None:
+            raise ValueError("model_dir: scaled RoPE is not supported in llama.cpp's openelm (no rope_freqs)")
+        tensors = openelm_tensors(model, gguf, len(shapes))
+    else:
+        tensors = _gguf_tensors(model, gguf, len(shapes), shapes, tied)
     if rope_freqs is not None:
         tensors["rope_freqs.weight"] = rope_freqs
     output_name = "token_embd.weight" if tied else "output.weight"
@@ -121,7 +131,7 @@ def export_gguf(
     os.close(fd)
     quantized = None
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, architecture)
         writer.add_name(name or path.resolve().name)
         writer.add_file_type(_file_type(gguf, written))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -2,8 +2,9 @@
 
 vLLM calls :func:`register` in each of its processes through the ``vllm.general_plugins`` entry
 point (installed with ``pip install loraprune[vllm]``). It registers the ``Pruned*ForCausalLM``
-architectures that loraprune writes into ``config.json``; the model classes live in
-:mod:`loraprune.integrations.vllm_models`, which vLLM imports only when it builds such a model.
+architectures that loraprune writes into ``config.json``, each with the vLLM model its family
+names (:mod:`loraprune.families`; the classes live in :mod:`loraprune.integrations.vllm_models`,
+which vLLM imports only when it builds such a model).
 This module itself does not import vLLM at import time.
 """
 
@@ -14,10 +15,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from loraprune.models import PRUNED_CLASSES
+from loraprune.families import FAMILIES
 
-MODELS_MODULE = "loraprune.integrations.vllm_models"
-ARCHITECTURES = tuple(model_cls.__name__ for _, model_cls in PRUNED_CLASSES.values())
+# Pruned architecture (config.json ``architectures``) -> "module:Class" of the vLLM model serving it;
+# vLLM imports the module only when it builds such a model.
+VLLM_MODELS = {family.pruned_classes[1].__name__: family.vllm_model for family in FAMILIES.values()}
+ARCHITECTURES = tuple(VLLM_MODELS)
 
 
 def register() -> None:
@@ -29,10 +32,9 @@ def register() -> None:
     except ImportError as error:
         raise ImportError("loraprune.integrations.vllm needs vLLM: pip install 'loraprune[vllm]'") from error
     supported = set(ModelRegistry.get_supported_archs())
-    for name in ARCHITECTURES:
+    for name, model in VLLM_MODELS.items():
         if name not in supported:
-            # A "module:Class" string: vLLM imports the module only when it builds the model.
-            ModelRegistry.register_model(name, f"{MODELS_MODULE}:{name}")
+            ModelRegistry.register_model(name, model)
 
 
 def layer_shapes(config: Any) -> list[tuple[int, int, int]]:

@@ -1,0 +1,35 @@
+"""The registry of model families loraprune prunes: one description per family, each in its own folder.
+
+A dense checkpoint is looked up by its ``model_type``; a pruned one (``loraprune_<family>``) by the
+family it is saved as. Adding a family is a folder with a :class:`Family` and a line below.
+"""
+
+from __future__ import annotations
+
+from loraprune.families import granite, llama, mistral, qwen2, qwen3
+from loraprune.families.base import Family
+
+__all__ = [
+    "FAMILIES",
+    "PRUNED_MODEL_TYPE_PREFIX",
+    "SUPPORTED_MODEL_TYPES",
+    "Family",
+    "family",
+]
+
+PRUNED_MODEL_TYPE_PREFIX = "loraprune_"
+FAMILIES: dict[str, Family] = {
+    module.FAMILY.model_type: module.FAMILY for module in (llama, mistral, qwen2, granite, qwen3)
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def family(model_type: str, name: str = "model", where: str = "config.model_type") -> Family:
+    """The family of a ``model_type`` (dense, or ``loraprune_<family>``); raises naming ``name`` and ``where``."""
+    base = str(model_type).removeprefix(PRUNED_MODEL_TYPE_PREFIX)
+    if base not in FAMILIES:
+        raise ValueError(
+            f"{name}: unsupported architecture {model_type!r} ({where}); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return FAMILIES[base]
