@@ -9,9 +9,9 @@ The teacher is the same patched model with every :class:`~loraprune.nn.LoraPrune
 its frozen base alone (``base_only``: masks lifted, LoRA off), in eval mode: no second copy of the
 weights, one extra forward without gradients per micro-batch, and no random draw (a resumed run
 stays bit-identical). It keeps only its final hidden states (tokens × hidden); its logits are made
-a chunk of tokens at a time (``CHUNK_ELEMENTS`` logits) inside a checkpointed KL, so neither the
-teacher's logits nor the student's fp32 log-probabilities exist whole: the backward recomputes
-each chunk. The teacher is the model as patched only if LoRA starts at zero: an adapter taken over
+a chunk of tokens at a time (``CHUNK_ELEMENTS`` logits) inside one autograd function whose backward
+recomputes them, so neither the teacher's logits nor the softmaxes exist whole; the student's
+gradient is one logits-sized tensor, as the cross-entropy's is. The teacher is the model as patched only if LoRA starts at zero: an adapter taken over
 from PEFT (``B ≠ 0``) would be switched off in the teacher, so that is refused.
 """
 
@@ -24,13 +24,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from loraprune.nn import eval_mode, lora_modules
 from loraprune.structures import unwrap_model
 
 DEFAULT_TEMPERATURE = 1.0
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32 per temporary
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in fp32 per temporary (a few live at once)
 
 
 def distill_options(weight: float, temperature: float | None) -> float | None:
@@ -86,39 +85,65 @@ def teacher_hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Te
         return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def _chunk_kl(
-    student: torch.Tensor, hidden: torch.Tensor, head: nn.Module, temperature: float
-) -> torch.Tensor:
-    teacher = F.log_softmax(head(hidden).float() / temperature, dim=-1)
-    student = F.log_softmax(student.float() / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="sum")
+def _teacher_log_probs(hidden: torch.Tensor, head: nn.Linear, temperature: float) -> torch.Tensor:
+    # autocast off: the forward and the backward's recomputation give the same teacher
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.log_softmax(F.linear(hidden, head.weight, head.bias).float() / temperature, dim=-1)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Σ over chunks of ``KL(teacher ‖ student)``; the backward recomputes each chunk's softmaxes and
+    writes the student's gradient ``(softmax(s/T) − p_teacher)/T`` into one tensor."""
+
+    @staticmethod
+    def forward(ctx, student, hidden, head, temperature, positions, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for row, span in _chunks(student.shape[0], positions, chunk_tokens):
+            teacher = _teacher_log_probs(hidden[row, span], head, temperature)
+            log_student = F.log_softmax(student[row, span].float() / temperature, dim=-1)
+            total += F.kl_div(log_student, teacher, log_target=True, reduction="sum")
+        ctx.save_for_backward(student, hidden)
+        ctx.head, ctx.temperature, ctx.positions, ctx.chunk_tokens = (
+            head,
+            temperature,
+            positions,
+            chunk_tokens,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        student, hidden = ctx.saved_tensors
+        grad = torch.zeros_like(student)
+        for row, span in _chunks(student.shape[0], ctx.positions, ctx.chunk_tokens):
+            teacher = _teacher_log_probs(hidden[row, span], ctx.head, ctx.temperature).exp_()
+            chunk = F.softmax(student[row, span].float() / ctx.temperature, dim=-1).sub_(teacher)
+            grad[row, span] = chunk.mul_(grad_total / ctx.temperature)
+        return grad, None, None, None, None, None
+
+
+def _chunks(batch: int, positions: int, chunk_tokens: int):
+    for row in range(batch):
+        for start in range(0, positions, chunk_tokens):
+            yield row, slice(start, min(start + chunk_tokens, positions))
 
 
 def kl_divergence(
     student_logits: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    head: nn.Module,
+    head: nn.Linear,
     temperature: float,
     chunk_tokens: int,
+    positions: int | None = None,
 ) -> torch.Tensor:
     """Mean over tokens of ``KL(softmax(head(h)/T) ‖ softmax(s/T))`` (fp32), for student logits
-    (batch × seq × vocab) and teacher hidden states (batch × seq × hidden), ``chunk_tokens`` tokens
-    of one sequence at a time; each chunk is recomputed in the backward instead of kept."""
+    (batch × seq × vocab) and teacher hidden states (batch × seq × hidden), over each sequence's first
+    ``positions`` tokens (``None``: all), ``chunk_tokens`` tokens of one sequence at a time: the
+    teacher's logits and the softmaxes never exist whole, in the forward or the backward."""
     batch, length = student_logits.shape[:2]
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for row in range(batch):
-        for start in range(0, length, chunk_tokens):
-            span = slice(start, start + chunk_tokens)
-            total = total + checkpoint(
-                _chunk_kl,
-                student_logits[row, span],
-                teacher_hidden[row, span],
-                head,
-                temperature,
-                use_reentrant=False,
-                preserve_rng_state=False,  # no randomness inside
-            )
-    return total / (batch * length)
+    positions = length if positions is None else positions
+    total = _ChunkedKL.apply(student_logits, teacher_hidden, head, temperature, positions, chunk_tokens)
+    return total / (batch * positions)
 
 
 class Distiller:
@@ -133,9 +158,11 @@ class Distiller:
 
     def loss(self, student: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(1−α)·CE + α·T²·KL`` and the CE, for ``student`` (the model, or a wrapper such as DDP)."""
-        hidden = teacher_hidden_states(self.model, input_ids)[:, :-1]
+        hidden = teacher_hidden_states(self.model, input_ids)
         output = student(input_ids=input_ids, labels=input_ids)
-        kl = kl_divergence(output.logits[:, :-1], hidden, self.head, self.temperature, self.chunk_tokens)
+        # the positions the cross-entropy scores: all but each window's last
+        positions = input_ids.shape[1] - 1
+        kl = kl_divergence(output.logits, hidden, self.head, self.temperature, self.chunk_tokens, positions)
         total = (1 - self.weight) * output.loss + self.weight * self.temperature**2 * kl
         return total, output.loss
 

@@ -32,9 +32,21 @@ def test_chunked_kl_equals_the_whole_tensor_reference_in_value_and_gradient():
     for chunk in (1, 3, 7, 100):  # 7 and 100: one chunk per sequence, unchunked
         chunked = logits.clone().requires_grad_(True)
         got = kl_divergence(chunked, hidden, head, temperature, chunk)
-        got.backward()
+        (got * 3).backward()
         torch.testing.assert_close(got, want.detach())
-        torch.testing.assert_close(chunked.grad, student.grad)
+        torch.testing.assert_close(chunked.grad, 3 * student.grad)
+    # the first positions only (the cross-entropy's: all but the last); the rest get no gradient
+    partial = logits.clone().requires_grad_(True)
+    got = kl_divergence(partial, hidden, head, temperature, 2, positions=6)
+    got.backward()
+    want = F.kl_div(
+        F.log_softmax(logits[:, :6] / temperature, -1),
+        F.log_softmax(head(hidden[:, :6]).detach() / temperature, -1),
+        log_target=True,
+        reduction="sum",
+    ) / (2 * 6)
+    torch.testing.assert_close(got, want)
+    assert partial.grad[:, 6].abs().max() == 0 and partial.grad[:, :6].abs().max() > 0
 
 
 def patched(model: torch.nn.Module, **options) -> LoraPruner:
