@@ -368,7 +368,8 @@ class QualityRun:
                 return
         report = json.loads((out / REPORT_NAME).read_text())
         note = kept_note or f"kept {report['parameters']['ratio']:.1%} of parameters; "
-        note += f"final loss {report['final_loss']:.3f}; {report['wall_time_s']:.0f} s"
+        refit_seconds = report.get("reconstruct", {}).get("wall_time_s", 0.0)  # --reconstruct's pass
+        note += f"final loss {report['final_loss']:.3f}; {report['wall_time_s'] + refit_seconds:.0f} s"
         reported = dict(zip(eval_files, report["eval"], strict=True))  # --eval-data order
         rest = []
         for benchmark, name, protocol in pending:

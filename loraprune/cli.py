@@ -12,6 +12,7 @@ import datetime
 import json
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -227,7 +228,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0  # rank 0 compacts and writes the model and the report
     status = run.pruner.status()
     lora_rank = _rank_report(run, summary)
+    started = time.perf_counter()
     pruned = run.compact()
+    compact_seconds = time.perf_counter() - started  # with --reconstruct, mostly the refit
     pruned.save_pretrained(out)
     tokenizer.save_pretrained(out)
     evaluations = [
@@ -243,7 +246,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if lora_rank is not None:
         report["lora_rank"] = lora_rank
     if run.reconstruction:
-        report["reconstruct"] = [asdict(refit) for refit in run.reconstruction]
+        report["reconstruct"] = {
+            "wall_time_s": compact_seconds,
+            "consumers": [asdict(refit) for refit in run.reconstruction],
+        }
     from loraprune.io import atomic_write_text
 
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")

@@ -21,10 +21,12 @@ o_proj, then the layer's output for the next one), so a refit sees the refits be
 consumer's ``in×in`` statistics exist at a time, accumulated in fp32 and solved in fp64.
 
 Extra peak memory over the masked model: the calibration hidden states (``samples·seq_len·hidden``
-in the model's dtype, one copy plus a batch), and for the consumer being refit its fp32
-``in×in`` accumulator, its fp64 copy and the fp64 solve (``out×in`` and ``|S|×|S|``), about
-``in²·12 + out·in·16`` bytes: LLaMA-7B down_proj (in 11008, out 4096) 0.48 GB fp32 accumulator,
-about 2.2 GB in all; LLaMA-2-70B down_proj (in 28672, out 8192) 3.3 GB fp32, about 13.6 GB in all.
+in the model's dtype, one copy plus a layer's transients: 0.27 GB for LLaMA-7B at 64 × 512 in bf16),
+and for the consumer being refit its fp32 ``in×in`` accumulator, then the fp64 moments and solve:
+about ``14·in² + 16·out·in`` bytes at 50% kept. Measured on the CPU (VmHWM, one consumer, 50%
+kept): LLaMA-7B o_proj (4096×4096) 0.57 GB, down_proj (out 4096, in 11008; fp32 accumulator
+0.48 GB) 2.44 GB; by the formula LLaMA-2-70B down_proj (out 8192, in 28672; fp32 accumulator
+3.3 GB) about 15 GB, o_proj (8192²) about 2 GB.
 
 Biases: compensated where the consumer has one (LLaMA with ``attention_bias`` or ``mlp_bias``);
 none is added where there is none (LLaMA's default, Mistral, Qwen2's o_proj), which would change
