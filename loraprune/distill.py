@@ -88,7 +88,8 @@ def teacher_hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Te
 def _teacher_log_probs(hidden: torch.Tensor, head: nn.Linear, temperature: float) -> torch.Tensor:
     # autocast off: the forward and the backward's recomputation give the same teacher
     with torch.autocast(hidden.device.type, enabled=False):
-        return F.log_softmax(F.linear(hidden, head.weight, head.bias).float() / temperature, dim=-1)
+        logits = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias)
+        return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
 class _ChunkedKL(torch.autograd.Function):

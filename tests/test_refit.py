@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import random_tokens, randomize_lora, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tiny_models import biased_llama, random_tokens, randomize_lora, tiny_model
+from transformers import AutoModelForCausalLM
 
 import loraprune  # noqa: F401  (registers the pruned classes)
 from loraprune import LoraPruneConfig, LoraPruner
@@ -17,29 +17,6 @@ from loraprune.refit import (
     reconstruct_options,
     ridge_refit,
 )
-
-
-def biased_llama(layers: int = 3) -> torch.nn.Module:
-    """A tiny LLaMA whose o_proj and down_proj carry biases (attention_bias, mlp_bias)."""
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=40,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        max_position_embeddings=64,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2 or (param.ndim == 1 and param.shape[0] != 48):  # not the norms
-                param.normal_(0, 0.2)
-    return model
 
 
 def masked_pruner(model: torch.nn.Module, layers=(1, 2)) -> LoraPruner:
