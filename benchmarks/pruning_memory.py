@@ -13,6 +13,9 @@ peak-memory accounting starts clean:
   the default): from each layer's input and output gradient during the backward, no weight gradient.
 - ``taylor-materialized``: the same criterion from the frozen weights' real gradients.
 - ``act``: structure-level first-order Taylor from the o_proj / down_proj inputs.
+- ``taylor-distill``: ``taylor`` with distillation from the unpruned model (``distill_weight`` 0.5,
+  :mod:`loraprune.distill`): the teacher's no-grad forward (masks and LoRA off) and the chunked KL
+  added to the step.
 
 All use LoRA r=8, alpha 16, dropout 0.05 on the seven projections, masks all kept (the first
 step of iterative pruning). Peak memory over one step, weights included, is measured
@@ -66,10 +69,20 @@ from benchmarks.models import (
 )
 from loraprune import LoraPruneConfig, LoraPruner
 from loraprune.config import ALL_PROJECTIONS
+from loraprune.distill import Distiller
 
-PROVIDERS = ("peft-lora", "loraprune", "loraprune-reference", "taylor", "taylor-materialized", "act")
+PROVIDERS = (
+    "peft-lora",
+    "loraprune",
+    "loraprune-reference",
+    "taylor",
+    "taylor-materialized",
+    "act",
+    "taylor-distill",
+)
 CRITERIA = {"loraprune": "lora", "loraprune-reference": "lora", "taylor": "taylor"}
-CRITERIA.update({"taylor-materialized": "taylor", "act": "act"})
+CRITERIA.update({"taylor-materialized": "taylor", "act": "act", "taylor-distill": "taylor"})
+DISTILL_WEIGHT = 0.5
 REFERENCE = "peft-lora"
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 8, 16.0, 0.05
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -231,15 +244,18 @@ def measure_step(args: argparse.Namespace, device: torch.device) -> None:
     flops += 3 * attention_flops(
         attention_widths(model), args.batch, args.seq_len, causal_context(args.seq_len)
     )
+    if args.worker == "taylor-distill":  # the teacher's forward (the student's is counted above)
+        flops += 2 * (projection_parameters(model) + model.lm_head.weight.numel()) * tokens
     model, update = prepare(model, args.worker)
     model.train()
     generator = torch.Generator(device).manual_seed(0)
     input_ids = torch.randint(
         0, model.config.vocab_size, (args.batch, args.seq_len), device=device, generator=generator
     )
+    loss = loss_function(model, args.worker)
 
     def step() -> None:
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        loss(input_ids).backward()
         update()
         model.zero_grad(set_to_none=True)
 
@@ -266,6 +282,14 @@ def measure_step(args: argparse.Namespace, device: torch.device) -> None:
         "flops": flops,
     }
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def loss_function(model: torch.nn.Module, provider: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step's loss: the cross-entropy, or with ``taylor-distill`` the distillation loss."""
+    if provider == "taylor-distill":
+        distiller = Distiller(model, DISTILL_WEIGHT, 1.0)
+        return lambda input_ids: distiller.loss(model, input_ids)[0]
+    return lambda input_ids: model(input_ids=input_ids, labels=input_ids).loss
 
 
 def prepare(model: torch.nn.Module, provider: str) -> tuple[torch.nn.Module, Callable[[], None]]:

@@ -17,6 +17,9 @@ schedule, ratio and seed change. Methods (``--methods``):
   batches of the budget's batch size, each scored and averaged by the moving average where the
   official code takes one batch of 10).
 - ``taylor-long-cooldown``: ``taylor`` with a 5% warm-up and a 50% cool-down.
+- ``taylor-refit``, ``taylor-distill``, ``taylor-refit-distill``: ``taylor`` with ``--reconstruct``
+  (closed-form refit of o_proj/down_proj before compaction), ``--distill-weight 0.5`` (KL to the
+  unpruned model while fine-tuning), and both (issue #24).
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
   its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
   ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
@@ -71,6 +74,8 @@ from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, Recorder, Result,
 from benchmarks.torch_pruning_baseline import INSTALL as TORCH_PRUNING_INSTALL
 from benchmarks.torch_pruning_baseline import REPORT_NAME as TORCH_PRUNING_REPORT
 
+REFIT = ("--reconstruct",)
+DISTILL = ("--distill-weight", "0.5")
 METHODS = {  # name: (criterion, mode, extra CLI flags)
     "lora": ("lora", "iterative", ()),
     "lora-squared": ("lora", "iterative", ("--squared",)),
@@ -85,6 +90,12 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "llm-pruner": ("taylor", "oneshot", ("--calib-seq-len", "128")),
     # the schedule measured best at 128-token windows in shared/notes/real-model.md
     "taylor-long-cooldown": ("taylor", "iterative", ("--warmup", "0.05", "--cooldown", "0.5")),
+    # issue #24: the default criterion with the closed-form refit of o_proj/down_proj before
+    # compaction, distillation from the unpruned model, and both (the options' defaults:
+    # λ 0.01 · mean diag C on 64 windows of --seq-len; α 0.5, T 1)
+    "taylor-refit": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
+    "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
+    "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
     # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
     "tp-taylor": ("lora", "iterative", ()),
     "tp-magnitude": ("lora", "iterative", ()),
@@ -357,7 +368,8 @@ class QualityRun:
                 return
         report = json.loads((out / REPORT_NAME).read_text())
         note = kept_note or f"kept {report['parameters']['ratio']:.1%} of parameters; "
-        note += f"final loss {report['final_loss']:.3f}; {report['wall_time_s']:.0f} s"
+        refit_seconds = report.get("reconstruct", {}).get("wall_time_s", 0.0)  # --reconstruct's pass
+        note += f"final loss {report['final_loss']:.3f}; {report['wall_time_s'] + refit_seconds:.0f} s"
         reported = dict(zip(eval_files, report["eval"], strict=True))  # --eval-data order
         rest = []
         for benchmark, name, protocol in pending:

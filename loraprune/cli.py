@@ -12,6 +12,7 @@ import datetime
 import json
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -187,6 +188,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calib_batches=args.calib_batches,
         calib_seq_len=args.calib_seq_len,
         save_every=args.save_every,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        reconstruct=args.reconstruct,
+        reconstruct_lambda=args.reconstruct_lambda,
+        reconstruct_samples=args.reconstruct_samples,
     )
     for path in args.eval_data:
         if not Path(path).exists():
@@ -222,7 +228,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0  # rank 0 compacts and writes the model and the report
     status = run.pruner.status()
     lora_rank = _rank_report(run, summary)
-    pruned = run.pruner.compact()
+    started = time.perf_counter()
+    pruned = run.compact()
+    compact_seconds = time.perf_counter() - started  # with --reconstruct, mostly the refit
     pruned.save_pretrained(out)
     tokenizer.save_pretrained(out)
     evaluations = [
@@ -237,6 +245,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report["model_source"] = source.to_dict()
     if lora_rank is not None:
         report["lora_rank"] = lora_rank
+    if run.reconstruction:
+        report["reconstruct"] = {
+            "wall_time_s": compact_seconds,
+            "consumers": [asdict(refit) for refit in run.reconstruction],
+        }
     from loraprune.io import atomic_write_text
 
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -270,6 +283,8 @@ def _device_map(args: argparse.Namespace, data_parallel, source) -> str | dict |
         return None
     if data_parallel is not None:
         raise CliError("--device-map: one process over several devices cannot also run under torchrun")
+    if args.reconstruct:
+        raise CliError("--reconstruct: the refit is not supported with --device-map (untested there)")
     if source.kind == "gguf":
         raise CliError(
             "--device-map: a GGUF MODEL is dequantized in this process's memory, not dispatched from "

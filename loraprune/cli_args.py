@@ -182,6 +182,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated layers to prune (default: all but the first 10%% and the last)",
     )
     prune.add_argument("--ema-decay", type=float, default=0.9)
+    prune.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="distil from the unpruned model while fine-tuning: loss (1-ALPHA)·CE + ALPHA·T²·KL(teacher‖student), "
+        "the teacher being the frozen base with masks and LoRA off (one extra forward per step, no copy of "
+        "the weights; default 0: off)",
+    )
+    prune.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --distill-weight: the softmax temperature (default 1)",
+    )
+    prune.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="after the final masks, refit the kept columns of o_proj and down_proj in closed form (ridge "
+        "least squares toward the original weights, on calibration windows run through the pruned model "
+        "one layer at a time)",
+    )
+    prune.add_argument(
+        "--reconstruct-lambda",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="with --reconstruct: the ridge, relative to the mean diagonal of the input covariance "
+        "(default 0.01; 0: plain least squares)",
+    )
+    prune.add_argument(
+        "--reconstruct-samples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --reconstruct: calibration windows of --seq-len tokens drawn from --data (default 64)",
+    )
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument(
         "--quantize-base",

@@ -152,23 +152,22 @@ class DistributedPruningRun(PruningRun):
         gc.collect()
         self._wrap()
 
-    def _backward(self, batch_index: int) -> torch.Tensor:
-        """This rank's slice of the global micro-batch; returns the global batch's mean loss."""
-        batch = self.sampler.batch(batch_index)
+    def _backward(self, batch_index: int, length: int | None = None, distill: bool = True) -> torch.Tensor:
+        """This rank's slice of the global micro-batch (its first ``length`` tokens); returns the
+        global batch's mean cross-entropy. With distillation each rank's teacher is its own model's
+        base (a forward outside DDP, without gradients)."""
+        batch = self.sampler.batch(batch_index)[:, :length]
         share = len(batch) // self.world_size
         local = batch[self.rank * share : (self.rank + 1) * share].to(self.device)
         # Dropout masks (the only randomness in the loop) from (seed, batch, rank): resumable, and
         # not the same masks on every rank.
         torch.manual_seed((self.seed * 1_000_003 + batch_index) * 65_537 + self.rank)
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            loss = self.data_parallel_model(input_ids=local, labels=local).loss
+        loss, cross_entropy = self._loss(self.data_parallel_model, local, distill)
         self.scaler.scale(loss / self.run_config.grad_accum).backward()
         self.tokens_seen += batch.numel()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        return loss / self.world_size
+        cross_entropy = cross_entropy.detach().clone()
+        dist.all_reduce(cross_entropy)
+        return cross_entropy / self.world_size
 
     def save_checkpoint(self) -> None:
         if self.rank == 0:

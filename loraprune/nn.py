@@ -10,8 +10,10 @@ masked structures zeroed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -238,11 +240,50 @@ class LoraPruneLinear(nn.Module):
     # Set by the importance tracker while it scores (criteria ``taylor`` fused and ``act``): it
     # wraps the forward to collect this layer's input and a gradient during the backward.
     score_capture = None
+    # Set by :func:`loraprune.distill.teacher_mode`: the layer computes its frozen base alone (no
+    # masks, no LoRA), so that the patched model is also the unpruned teacher, without a copy.
+    base_only = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_only:
+            return self._base_forward(x)
         if self.score_capture is not None and self.training and torch.is_grad_enabled():
             return self.score_capture(x, self._masked_forward)
         return self._masked_forward(x)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b``: the frozen base layer, whatever the masks and adapter hold."""
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + s·B·A`` in fp32, masks not applied."""
+        weight = self.weight.float()
+        if self.lora_A is None:
+            return weight.clone()
+        return weight + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def set_merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Make ``weight`` (out×in) the layer's ``W + s·B·A``: ``W`` takes it (in ``W``'s dtype) and
+        ``B`` becomes zero; ``bias`` replaces the bias (``None``: only where the layer has none)."""
+        self._check_merged(weight, bias)
+        self.weight.copy_(weight)
+        self._set_bias_and_clear_lora(bias)
+
+    def _check_merged(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight must be {self.out_features}×{self.in_features}, got {tuple(weight.shape)}"
+            )
+        if (bias is None) != (self.bias is None):
+            raise ValueError("bias must be given exactly where the layer has one")
+
+    def _set_bias_and_clear_lora(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias.copy_(bias)
+        if self.lora_B is not None:
+            self.lora_B.zero_()
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         out_masked, in_masked = self._out_masked, self._in_masked
@@ -357,6 +398,19 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within: every module of ``model`` in eval mode; after: each back in its own mode (patched
+    projections may be in another mode than their parents)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoraPruneLinear]:
     """The patched projections of ``model`` by module path."""
     return {path: m for path, m in unwrap_model(model).named_modules() if isinstance(m, LoraPruneLinear)}
@@ -410,4 +464,4 @@ def _active_peft_adapter(model: nn.Module) -> str | None:
     return adapter
 
 
-__all__ = ["LoraPruneLinear", "lora_modules", "lora_parameters", "patch_model", "unpatch_model"]
+__all__ = ["LoraPruneLinear", "eval_mode", "lora_modules", "lora_parameters", "patch_model", "unpatch_model"]

@@ -287,6 +287,26 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
         bias = None if self.bias is None else self.bias.index_select(0, rows).clone()
         return weight.contiguous(), bias
 
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + s·B·A`` in fp32, dequantized a block of rows at a time."""
+        return torch.cat([self.merged_rows(block) for block in self.row_blocks()])
+
+    @torch.no_grad()
+    def set_merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Re-quantize ``weight`` into a new base of the same kind (``B`` becomes zero), so that the
+        layer computes ``weight`` up to that quantization's rounding."""
+        self._check_merged(weight, bias)
+        base = quantize_linear(weight.to(self.dense_dtype), self.quant_type)
+        if self.quant_type != "int8":
+            base.support_avx512bf16_for_cpu = False  # the layout dequantize_rows reads (see __init__)
+        self.base = base
+        self._set_bias_and_clear_lora(bias)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     # -- the layer ---------------------------------------------------------------------------------
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._in_masked:

@@ -7,7 +7,9 @@ the masks grow to the schedule's ratio, reaching the exact target at ``T − cT`
 model then keeps fine-tuning to ``T``. With ``lora_final_r`` the adapters also lose rank components on
 their own schedule (:func:`loraprune.lora_rank.rank_schedule`), reaching the final rank by ``T − cT``
 as well; the optimizer's state is narrowed with them. ``mode="oneshot"`` is LLM-Pruner's recipe instead:
-score once on calibration batches, prune to the target, then fine-tune.
+score once on calibration batches, prune to the target, then fine-tune. Options: distillation from
+the unpruned model during the fine-tuning (``distill_weight``, :mod:`loraprune.distill`), and a
+closed-form refit of o_proj and down_proj before compaction (``reconstruct``, :mod:`loraprune.refit`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from tqdm.auto import tqdm
 
 from loraprune.config import LoraPruneConfig
 from loraprune.data import WindowSampler
+from loraprune.distill import Distiller, distill_options
 from loraprune.lora_rank import RankSchedule, rank_schedule
 from loraprune.masks import cubic_ratio
 from loraprune.nn import lora_modules
 from loraprune.pruner import LoraPruner
+from loraprune.refit import ConsumerRefit, calibration_windows, reconstruct, reconstruct_options
 
 MODES = ("iterative", "oneshot")
 CHECKPOINT_FORMAT = 1
@@ -125,6 +129,11 @@ class RunConfig:
     calib_batches: int = 8
     calib_seq_len: int | None = None  # oneshot: tokens of each calibration window (None: seq_len)
     save_every: int = 50
+    distill_weight: float = 0.0  # α of (1−α)·CE + α·T²·KL(teacher‖student); 0: no distillation
+    distill_temperature: float | None = None  # T (None: 1.0 with distillation)
+    reconstruct: bool = False  # refit o_proj and down_proj before compaction
+    reconstruct_lambda: float | None = None  # ridge, relative to mean(diag C) (None: 0.01)
+    reconstruct_samples: int | None = None  # calibration windows of seq_len (None: 64)
 
     def __post_init__(self) -> None:
         _check_positive_ints(
@@ -147,6 +156,10 @@ class RunConfig:
         _check_phases(self.warmup, self.cooldown)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        self.distill_temperature = distill_options(self.distill_weight, self.distill_temperature)
+        self.reconstruct_lambda, self.reconstruct_samples = reconstruct_options(
+            self.reconstruct, self.reconstruct_lambda, self.reconstruct_samples
+        )
         if self.mode == "iterative":
             self.schedule()
 
@@ -228,6 +241,13 @@ class PruningRun:
             )
         self.last_rank_step = max(self.rank_schedule.steps, default=0) if self.rank_schedule else 0
         self.peak_before_rank_final: int | None = None  # the peak up to the last rank removal
+        self.distiller = None
+        if run_config.distill_weight > 0:
+            self.distiller = Distiller(self.model, run_config.distill_weight, run_config.distill_temperature)
+        self.refit_windows = None  # drawn now: too few windows fail before anything runs
+        if run_config.reconstruct:
+            self.refit_windows = calibration_windows(windows, run_config.reconstruct_samples, seed)
+        self.reconstruction: list[ConsumerRefit] = []
         torch.manual_seed(seed)
 
     # -- training ----------------------------------------------------------------------------
@@ -246,23 +266,33 @@ class PruningRun:
             return self.prune_config.ratio
         return self.schedule.ratio_after(self.step, self.prune_config.ratio)
 
-    def _backward(self, batch_index: int, length: int | None = None) -> torch.Tensor:
-        """Forward and backward of one micro-batch (its first ``length`` tokens); returns its
-        (unscaled, undivided) loss on the device."""
-        batch = self.sampler.batch(batch_index)[:, :length].to(self.device)
+    def _loss(
+        self, model: nn.Module, batch: torch.Tensor, distill: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to minimise on ``batch`` through ``model`` (the model or its DDP wrapper), and its
+        cross-entropy: the same without distillation."""
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            loss = self.model(input_ids=batch, labels=batch).loss
+            if distill and self.distiller is not None:
+                return self.distiller.loss(model, batch)
+            loss = model(input_ids=batch, labels=batch).loss
+            return loss, loss
+
+    def _backward(self, batch_index: int, length: int | None = None, distill: bool = True) -> torch.Tensor:
+        """Forward and backward of one micro-batch (its first ``length`` tokens); returns its
+        (unscaled, undivided) cross-entropy on the device."""
+        batch = self.sampler.batch(batch_index)[:, :length].to(self.device)
+        loss, cross_entropy = self._loss(self.model, batch, distill)
         self.scaler.scale(loss / self.run_config.grad_accum).backward()
         self.tokens_seen += batch.numel()
-        return loss.detach()
+        return cross_entropy.detach()
 
     def _calibrate(self) -> None:
         """One-shot scoring: importance over ``calib_batches`` batches, then prune to the target."""
         self.model.train()
         for index in range(self.run_config.calib_batches):
-            self._backward(index, self.run_config.calib_seq_len)
+            self._backward(index, self.run_config.calib_seq_len, distill=False)
             self.scaler.unscale_(self.optimizer)
             self.pruner.update_scores()
             self.model.zero_grad(set_to_none=True)
@@ -341,6 +371,15 @@ class PruningRun:
         self.elapsed += time.perf_counter() - started
         return self.summary()
 
+    def compact(self) -> nn.Module:
+        """The pruned model (:meth:`LoraPruner.compact`), o_proj and down_proj refit first with
+        ``reconstruct`` (what each refit did: ``self.reconstruction``)."""
+        if self.run_config.reconstruct:
+            self.reconstruction = reconstruct(
+                self.model, self.refit_windows, self.run_config.reconstruct_lambda, self.run_config.batch_size
+            )
+        return self.pruner.compact()
+
     def summary(self) -> RunSummary:
         peak, kind = _peak_memory(self.device)
         after_rank = None
@@ -365,7 +404,9 @@ class PruningRun:
 
     def _settings(self) -> dict:
         run = asdict(self.run_config)
-        run.pop("save_every")  # may change between sessions without changing the result
+        # may change between sessions without changing the checkpointed state
+        for key in ("save_every", "reconstruct", "reconstruct_lambda", "reconstruct_samples"):
+            run.pop(key)
         return {
             "prune_config": self.prune_config.to_dict(),
             "run_config": run,

@@ -123,6 +123,21 @@ def test_interrupt_and_resume_reaches_the_same_model(paths, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_refit_and_distillation_give_a_loadable_model_and_report_the_refit(paths, tmp_path):
+    out = tmp_path / "out"
+    extra = ["--reconstruct", "--reconstruct-samples", "4", "--distill-weight", "0.5"]
+    assert prune(paths, out, *extra) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["run_config"]["reconstruct_lambda"] == 0.01
+    assert report["run_config"]["distill_temperature"] == 1.0
+    refits = report["reconstruct"]["consumers"]
+    assert report["reconstruct"]["wall_time_s"] > 0
+    assert {r["path"].rsplit(".", 1)[1] for r in refits} == {"o_proj", "down_proj"}
+    assert all(r["tokens"] == 4 * 32 and r["error_after"] < r["error_before"] for r in refits)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
 def test_resume_refuses_other_settings(paths, tmp_path, capsys):
     out = tmp_path / "out"
     assert prune(paths, out, "--stop-after", "1") == 0
@@ -175,6 +190,38 @@ BAD_INPUTS = {
     "resume without checkpoint": (
         lambda p: ["prune", p["model"], "--data", p["data"], "--resume"],
         "--resume",
+    ),
+    "reconstruct lambda negative": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--reconstruct", "--reconstruct-lambda", "-1"],
+        "--reconstruct-lambda",
+    ),
+    "reconstruct lambda without reconstruct": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--reconstruct-lambda", "0.1"],
+        "--reconstruct-lambda",
+    ),
+    "reconstruct samples beyond the data": (
+        lambda p: [
+            "prune",
+            p["model"],
+            "--data",
+            p["data"],
+            "--reconstruct",
+            "--reconstruct-samples",
+            "99999999",
+        ],
+        "--reconstruct-samples",
+    ),
+    "reconstruct with a device map": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--reconstruct", "--device-map", "auto"],
+        "--reconstruct",
+    ),
+    "distill weight above 1": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--distill-weight", "1.5"],
+        "--distill-weight",
+    ),
+    "distill temperature without weight": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--distill-temperature", "2"],
+        "--distill-temperature",
     ),
     "eval missing data": (lambda p: ["eval", p["model"], "--data", p["missing"]], "--data"),
     "eval missing model": (lambda p: ["eval", p["missing"], "--data", p["data"]], "MODEL:"),

@@ -111,16 +111,20 @@ CRITERIA = {
     "act-squared": {"criterion": "act", "squared": True},
     "magnitude": {"criterion": "magnitude"},
     "random": {"criterion": "random"},
+    # distillation: each rank's teacher forward (outside DDP) on its own slice
+    "lora-distill": {"criterion": "lora", "run": {"distill_weight": 0.5, "distill_temperature": 2.0}},
 }
 CRITERIA_WINDOWS = torch.randint(0, 96, (24, 8), generator=torch.Generator().manual_seed(0))
 
 
 def criterion_run(name: str, batch_size: int, grad_accum: int, run_class: type = PruningRun) -> dict:
     """Scores, masks and LoRA factors after 4 steps, pruned to 50% at steps 1 to 3 (no dropout)."""
-    prune_config = LoraPruneConfig(ratio=0.5, layers=(0, 1, 2), lora_dropout=0.0, **CRITERIA[name])
+    options = dict(CRITERIA[name])
+    run_options = options.pop("run", {})
+    prune_config = LoraPruneConfig(ratio=0.5, layers=(0, 1, 2), lora_dropout=0.0, **options)
     run_config = RunConfig(
         steps=4, prune_every=1, batch_size=batch_size, grad_accum=grad_accum, seq_len=8, warmup=0.0,
-        cooldown=0.25, save_every=0,
+        cooldown=0.25, save_every=0, **run_options,
     )  # fmt: skip
     run = run_class(tiny_llama(96), CRITERIA_WINDOWS, prune_config, run_config, progress=False)
     run.run()

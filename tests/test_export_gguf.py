@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import CONFIGS, pruned_by_magnitude, pruned_tiny_model, tiny_model
+from tiny_models import (
+    CONFIGS,
+    biased_llama,
+    pruned_by_magnitude,
+    pruned_tiny_model,
+    random_tokens,
+    tiny_model,
+)
 from transformers import AutoModelForCausalLM
 
 import loraprune
@@ -113,6 +120,26 @@ def assert_matches_model(path: Path, model: torch.nn.Module, atol: float = 0.0) 
             got = unpermute_rows(got, shape.num_heads if ".attn_q." in name else shape.num_kv_heads)
         assert got.shape == value.shape, name
         torch.testing.assert_close(got, value, rtol=0, atol=atol * float(value.abs().max()), msg=name)
+
+
+def test_refit_biases_of_o_proj_and_down_proj_are_written(tmp_path):
+    """--reconstruct compensates an existing o_proj/down_proj bias: the GGUF file carries it."""
+    from loraprune import LoraPruneConfig, LoraPruner
+    from loraprune.refit import reconstruct
+
+    model = biased_llama(layers=4)
+    pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5, criterion="magnitude", layers=(1, 2)))
+    pruner.update_scores()
+    pruner.prune()
+    before = model.model.layers[1].mlp.down_proj.bias.clone()
+    reconstruct(model, random_tokens(batch=8, length=16, seed=3), batch_size=4)
+    pruned = pruner.compact().eval()
+    assert not torch.equal(pruned.model.layers[1].mlp.down_proj.bias, before)
+    folder = save_with_tokenizer(pruned, tmp_path / "model")
+    export_gguf(folder, tmp_path / "model.gguf", outtype="f32")
+    assert_matches_model(tmp_path / "model.gguf", pruned)
+    names = set(tensors_of(gguf.GGUFReader(tmp_path / "model.gguf")))
+    assert {"blk.1.attn_output.bias", "blk.1.ffn_down.bias"} <= names
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

@@ -82,3 +82,26 @@ def pruned_by_magnitude(model: torch.nn.Module, ratio: float, **options) -> torc
 def pruned_tiny_model(name: str = "llama-mha-untied", ratio: float = 0.5) -> torch.nn.Module:
     """A compacted tiny model: layers 0-2 lose ``ratio`` of their heads and channels, layer 3 stays whole."""
     return pruned_by_magnitude(tiny_model(name), ratio, layers=(0, 1, 2))
+
+
+def biased_llama(layers: int = 3) -> torch.nn.Module:
+    """A tiny LLaMA whose o_proj and down_proj carry biases (attention_bias, mlp_bias)."""
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=64,
+        attention_bias=True,
+        mlp_bias=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 or name.endswith("bias"):
+                param.normal_(0, 0.2)
+    return model
