@@ -234,6 +234,23 @@ def random_model(family: str, rope: dict | None = None) -> torch.nn.Module:
     return model
 
 
+def saved_pruned_and_exported(model, tiny_llama_dir, tmp_path):
+    """``model`` saved with the fixture's tokenizer, reloaded (as its saved config builds it), and its f32 GGUF."""
+    model.save_pretrained(tmp_path / "model")
+    load_tokenizer(tiny_llama_dir).save_pretrained(tmp_path / "model")
+    model = loraprune.load_model(tmp_path / "model").eval()
+    return model, export_gguf(tmp_path / "model", tmp_path / "m.gguf", outtype="f32").path
+
+
+def served_logit_error(llm, model, tokens: list[int]) -> float:
+    """Max |llama.cpp − transformers| over every position's logits, relative to the largest logit."""
+    llm.eval(tokens)
+    served = torch.from_numpy(np.array(llm.scores[: len(tokens)]))
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([tokens])).logits[0]
+    return float((served - reference).abs().max() / reference.abs().max())
+
+
 @pytest.mark.parametrize(
     ("family", "rope"),
     [
@@ -253,16 +270,10 @@ def random_model(family: str, rope: dict | None = None) -> torch.nn.Module:
 )
 def test_biases_tied_embeddings_and_scaled_rope_in_llama_cpp(family, rope, tiny_llama_dir, tmp_path):
     model = pruned_by_magnitude(random_model(family, rope), 0.5, layers=(0, 1))  # layer 2 stays whole
-    model.save_pretrained(tmp_path / "model")
-    load_tokenizer(tiny_llama_dir).save_pretrained(tmp_path / "model")
-    model = loraprune.load_model(tmp_path / "model").eval()  # RoPE as built from the saved config
-    llm = engine(export_gguf(tmp_path / "model", tmp_path / "m.gguf", outtype="f32").path)
+    model, path = saved_pruned_and_exported(model, tiny_llama_dir, tmp_path)  # RoPE from the saved config
+    llm = engine(path)
     tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm.eval(tokens)
-    served = torch.from_numpy(np.array(llm.scores[: len(tokens)]))
-    with torch.no_grad():
-        reference = model(input_ids=torch.tensor([tokens])).logits[0]
-    error = float((served - reference).abs().max() / reference.abs().max())
+    error = served_logit_error(llm, model, tokens)
     assert error < 1e-4, error
     assert llama_cpp_greedy(llm, tokens[:20], 16, None) == transformers_greedy(model, tokens[:20], 16, None)
 
@@ -307,18 +318,11 @@ def test_pruned_qwen3_and_granite_give_transformers_greedy_tokens_at_f32(
 ):
     """A tied Qwen3 through llama.cpp's openelm; Granite folded into LLaMA, through deci."""
     model = pruned_by_magnitude(random_model(family), 0.5, layers=(0, 1))  # layer 2 stays whole
-    model.save_pretrained(tmp_path / "model")
-    load_tokenizer(tiny_llama_dir).save_pretrained(tmp_path / "model")
-    model = loraprune.load_model(tmp_path / "model").eval()
-    path = export_gguf(tmp_path / "model", tmp_path / "m.gguf", outtype="f32").path
+    model, path = saved_pruned_and_exported(model, tiny_llama_dir, tmp_path)
     assert gguf_architecture(path) == architecture
     llm = engine(path)
     tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm.eval(tokens)
-    served = torch.from_numpy(np.array(llm.scores[: len(tokens)]))
-    with torch.no_grad():
-        reference = model(input_ids=torch.tensor([tokens])).logits[0]
-    error = float((served - reference).abs().max() / reference.abs().max())
+    error = served_logit_error(llm, model, tokens)
     print(
         f"{family} ({architecture}): llama.cpp f32 vs transformers fp32, max relative logit difference {error:.3g}"
     )
