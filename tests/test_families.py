@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from remote_code import NEW_TOKENS, PROMPT_LENGTH, load_without_loraprune
-from tiny_models import random_tokens, randomize_lora
+from tiny_models import random_tokens, randomize_lora, randomize_weights
 from transformers import (
     AutoModelForCausalLM,
     GraniteConfig,
@@ -66,12 +66,7 @@ def family_model(name: str, layers: int = 4, seed: int = 0, vocab: int = 96) -> 
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():  # HF's 0.02 init gives near-uniform logits that hide mistakes
-        for param_name, param in model.named_parameters():
-            if param.ndim == 2 or param_name.endswith("bias"):
-                param.normal_(0, 0.2)
-            elif param_name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's per-head norms
-                param.normal_(1, 0.2)
+    randomize_weights(model)
     assert model.model.layers[0].self_attn.q_proj.out_features == heads * HEAD_DIM != HIDDEN
     return model
 

@@ -46,11 +46,21 @@ def tiny_model(
     )
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
-    with torch.no_grad():  # HF's 0.02 init gives near-uniform logits that hide mistakes
+    randomize_weights(model)
+    return model
+
+
+def randomize_weights(model: torch.nn.Module, std: float = 0.2) -> None:
+    """Matrices and biases ~ N(0, std), Qwen3's q/k norm weights ~ N(1, std), in parameter order.
+
+    HF's 0.02 init gives near-uniform logits that hide mistakes.
+    """
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 2 or name.endswith("bias"):
-                param.normal_(0, 0.2)
-    return model
+                param.normal_(0, std)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, std)
 
 
 def randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
@@ -100,8 +110,5 @@ def biased_llama(layers: int = 3) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 or name.endswith("bias"):
-                param.normal_(0, 0.2)
+    randomize_weights(model)
     return model
