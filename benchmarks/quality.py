@@ -20,6 +20,13 @@ schedule, ratio and seed change. Methods (``--methods``):
 - ``taylor-refit``, ``taylor-distill``, ``taylor-refit-distill``: ``taylor`` with ``--reconstruct``
   (closed-form refit of o_proj/down_proj before compaction), ``--distill-weight 0.5`` (KL to the
   unpruned model while fine-tuning), and both (issue #24).
+- ``lorashear``, ``taylor-protect``, ``taylor-fade``: LoRAShear (issue #25): ``--method lorashear`` (every
+  layer pruned, the most damaging 10% of each kind's layer groups protected by their held-out loss
+  increase, each chosen unit's base faded out over ``--prune-every`` steps); its protection alone, in
+  place of LoRAPrune's fixed skip of the first and last layers (``--layers all --protect-fraction 0.1``);
+  its fade alone (``--fade-steps`` = the budget's ``--prune-every``). The pairs have one calibration
+  text, so LoRAShear's staged recovery over several sources (``--recovery-data``) is not part of the
+  study: its cool-down is the same fine-tuning as the others'.
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
   its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
   ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
@@ -96,6 +103,15 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "taylor-refit": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
     "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
     "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
+    # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned), then each of
+    # its parts alone on the default criterion (taylor-fade's --fade-steps: the budget's --prune-every)
+    "lorashear": ("taylor", "iterative", ("--taylor-impl", "fused", "--method", "lorashear")),
+    "taylor-protect": (
+        "taylor",
+        "iterative",
+        ("--taylor-impl", "fused", "--layers", "all", "--protect-fraction", "0.1"),
+    ),
+    "taylor-fade": ("taylor", "iterative", ("--taylor-impl", "fused")),
     # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
     "tp-taylor": ("lora", "iterative", ()),
     "tp-magnitude": ("lora", "iterative", ()),
@@ -350,6 +366,8 @@ class QualityRun:
             criterion, mode, extra = METHODS.get(method, ("lora", "iterative", ()))
             if method == "llm-pruner":
                 extra = (*extra, "--calib-batches", str(math.ceil(LLM_PRUNER_SAMPLES / budget.batch_size)))
+            if method == "taylor-fade":
+                extra = (*extra, "--fade-steps", str(budget.prune_every))
             command = [
                 *("prune", str(model), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
                 *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *extra),

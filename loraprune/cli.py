@@ -144,6 +144,7 @@ def _prepare_out_dir(args: argparse.Namespace) -> Path:
 def cmd_prune(args: argparse.Namespace) -> int:
     from loraprune.config import LoraPruneConfig
     from loraprune.data import read_text, tokenize, windows
+    from loraprune.lorashear import ALL_LAYERS, method_options
     from loraprune.run import PruningRun, RunConfig
 
     out = _prepare_out_dir(args)
@@ -153,6 +154,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         device = torch.device("cuda", data_parallel.local_rank)
     source = _resolve(args)
     device_map = _device_map(args, data_parallel, source)
+    method = method_options(
+        args.method,
+        protect_fraction=args.protect_fraction,
+        fade_steps=args.fade_steps,
+        layers=args.layers,
+        prune_every=args.prune_every,
+    )
     prune_config = LoraPruneConfig(
         ratio=args.ratio,
         criterion=args.criterion,
@@ -164,7 +172,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rank_prune_every=args.rank_prune_every,
         rank_prune_count=args.rank_prune_count,
         gqa_unit=args.gqa_unit,
-        layers=args.layers,
+        layers=None if method["layers"] == ALL_LAYERS else method["layers"],
         ranking=args.ranking,
         round_to=args.round_to,
         ema_decay=args.ema_decay,
@@ -193,12 +201,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reconstruct=args.reconstruct,
         reconstruct_lambda=args.reconstruct_lambda,
         reconstruct_samples=args.reconstruct_samples,
+        protect_fraction=method["protect_fraction"],
+        protect_by=args.protect_by,
+        heldout_windows=args.heldout_windows,
+        fade_steps=method["fade_steps"],
+        fade_epsilon=args.fade_epsilon,
+        recovery_stages=args.recovery_stages,
+        recovery_rule=args.recovery_rule,
     )
     for path in args.eval_data:
         if not Path(path).exists():
             raise CliError(f"--eval-data: {path} does not exist")
+    _check_recovery_data(args)
     model, tokenizer = _load(source, device, dtype, args.quantize_base, device_map)
+    if method["layers"] == ALL_LAYERS:
+        from dataclasses import replace
+
+        from loraprune.structures import decoder_layers
+
+        prune_config = replace(prune_config, layers=tuple(range(len(decoder_layers(model)))))
     token_windows = windows(tokenize(tokenizer, read_text(args.data, "--data")), args.seq_len, "--data")
+    recovery_sources = {
+        path: windows(
+            tokenize(tokenizer, read_text(path, "--recovery-data")), args.seq_len, "--recovery-data"
+        )
+        for path in args.recovery_data
+    }
     amp_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
     run_class = PruningRun
     if data_parallel is not None:
@@ -212,10 +240,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         amp_dtype=amp_dtype,
         checkpoint=out / CHECKPOINT_NAME,
         progress=not args.quiet,
+        recovery_sources=recovery_sources or None,
+        data_name=str(args.data),
     )
     dense_parameters, _ = run.pruner.parameter_counts()
     for note in run.pruner.unreachable_ratio_notes():
         print(f"loraprune prune: warning: --{note}", file=sys.stderr)
+    if not args.resume:
+        run.prepare()  # LoRAShear's protection: a protect_fraction the ratio cannot reach fails here
     out.mkdir(parents=True, exist_ok=True)  # everything is validated: OUT_DIR may be written from here on
     if args.resume:
         run.load_checkpoint()
@@ -241,6 +273,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args, prune_config, run_config, pruned, status, dense_parameters, summary, evaluations, device, dtype
     )
     report["masked_fractions"] = run.pruner.masked_fractions()  # the ratio reached, per kind of unit
+    report["method"] = args.method
+    report.update(run.method_report())  # LoRAShear's parts: protect, fade, recovery
     report["processes"] = 1 if data_parallel is None else data_parallel.world_size
     report["model_source"] = source.to_dict()
     if lora_rank is not None:
@@ -263,6 +297,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for evaluation in evaluations:
         _say(args, f"perplexity {evaluation['perplexity']:.3f} on {evaluation['dataset']}")
     return 0
+
+
+def _check_recovery_data(args: argparse.Namespace) -> None:
+    """``--recovery-data``: every source exists and is given once (before the model is loaded)."""
+    from loraprune.data import HF_DATASET_PREFIX
+
+    seen = {str(args.data)}
+    for path in args.recovery_data:
+        if path in seen:
+            raise CliError(f"--recovery-data: {path} is given twice (or is --data)")
+        seen.add(path)
+        if not path.startswith(HF_DATASET_PREFIX) and not Path(path).exists():
+            raise CliError(f"--recovery-data: {path} does not exist")
 
 
 def _rank_report(run, summary) -> dict | None:

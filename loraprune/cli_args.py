@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 
 from loraprune.config import CRITERIA, LORA_ALPHA_MODES, LORA_MEMBERS, TAYLOR_IMPLS
+from loraprune.lorashear import ALL_LAYERS, METHODS, PROTECT_FRACTION
+from loraprune.protect import PROTECT_BY
+from loraprune.recovery import RECOVERY_RULES
 
 EXIT_USAGE = 2
 
@@ -40,11 +43,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def _layers(text: str) -> tuple[int, ...] | str:
+    if text == ALL_LAYERS:
+        return ALL_LAYERS
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated layer indices, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated layer indices or {ALL_LAYERS!r}, got {text!r}"
+        ) from None
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +72,83 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
         help="weight dtype; on CUDA also the autocast dtype (default: bfloat16 on CUDA, float32 on CPU)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+
+
+def _add_lorashear_flags(prune: argparse.ArgumentParser) -> None:
+    """LoRAShear's parts (loraprune.lorashear): each its own option, all on with --method lorashear."""
+    prune.add_argument(
+        "--method",
+        default="loraprune",
+        choices=list(METHODS),
+        help="loraprune (default); lorashear: LoRAShear's knowledge-distribution protection and fade on, "
+        f"all layers pruned (defaults --protect-fraction {PROTECT_FRACTION}, --fade-steps = --prune-every, "
+        "--layers all; each flag overrides), and the staged recovery where --recovery-data is given",
+    )
+    prune.add_argument(
+        "--protect-fraction",
+        type=_ratio,
+        default=None,
+        metavar="GAMMA",
+        help="before pruning, measure the held-out loss increase of removing each structure and never prune "
+        "the most damaging fraction GAMMA of them, per kind (default 0: off; lorashear: "
+        f"{PROTECT_FRACTION})",
+    )
+    prune.add_argument(
+        "--protect-by",
+        choices=list(PROTECT_BY),
+        default=None,
+        help="with --protect-fraction: layer (each layer's attention or MLP removed whole, two held-out passes "
+        "a layer; protected ones are left whole; default) or unit (each head/KV group and channel removed "
+        "alone, one pass each: the paper's granularity, slow for wide MLPs)",
+    )
+    prune.add_argument(
+        "--heldout-windows",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --protect-fraction or --recovery-data: windows of --seq-len held out of each source, never "
+        "trained on (default 16)",
+    )
+    prune.add_argument(
+        "--fade-steps",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="LHSPG: a chosen unit's frozen base fades to zero over N steps while LoRA trains (m·W + s·B·A, "
+        "m from 1 to 0), then it is masked; selections end N steps before the cool-down so that the target "
+        "is masked there (default 0: masked at once; lorashear: --prune-every)",
+    )
+    prune.add_argument(
+        "--fade-epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="with --fade-steps: a fading unit is masked early when an update crosses the half-space of its "
+        "direction, <x, x_new> < EPS·|x|^2 (default 0)",
+    )
+    prune.add_argument(
+        "--recovery-data",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="dynamic knowledge recovery: another text source (as --data; repeatable); the cool-down trains in "
+        "stages, each on the source (this or --data) whose held-out loss deviates most from the unpruned "
+        "model's",
+    )
+    prune.add_argument(
+        "--recovery-stages",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="with --recovery-data: stages of the cool-down, each choosing its source (default: one per source)",
+    )
+    prune.add_argument(
+        "--recovery-rule",
+        choices=list(RECOVERY_RULES),
+        default=None,
+        help="with --recovery-data: deviation (the largest held-out loss above the unpruned model's; default) "
+        "or drop (the largest fall of the held-out loss in the previous stage)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers",
         type=_layers,
         default=None,
-        help="comma-separated layers to prune (default: all but the first 10%% and the last)",
+        help="comma-separated layers to prune, or 'all' (default: all but the first 10%% and the last; "
+        "--method lorashear: all)",
     )
     prune.add_argument("--ema-decay", type=float, default=0.9)
     prune.add_argument(
@@ -220,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --reconstruct: calibration windows of --seq-len tokens drawn from --data (default 64)",
     )
+    _add_lorashear_flags(prune)
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument(
         "--quantize-base",

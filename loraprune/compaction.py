@@ -94,6 +94,12 @@ def compact(model: nn.Module) -> nn.Module:
     """
     model = unwrap_model(model)
     family = model_family(model)
+    for path, module in model.named_modules():  # before anything is replaced
+        if isinstance(module, LoraPruneLinear) and module.fading:
+            raise ValueError(
+                f"compact: {path} has units that are still fading out (fade_steps); run until the fade "
+                "ends (the units are masked then) before compacting"
+            )
     old_plan = getattr(model.config, "pruned_layers", None)
     dim = head_dim(model)
     plan = []

@@ -97,12 +97,13 @@ class DistributedPruner(LoraPruner):
         self.check_masks_agree()
         return removed
 
-    def check_masks_agree(self) -> None:
-        """Raise on every rank unless all ranks hold the same masks (two scalar all-reduces)."""
+    def check_masks_agree(self, extra: list[torch.Tensor] = ()) -> None:
+        """Raise on every rank unless all ranks hold the same masks, and the same ``extra`` bool tensors
+        (a fade's chosen units), two scalar all-reduces."""
         device = self.tracker.scores[0].device if self.tracker.scores else torch.device("cpu")
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        kept = self.keep + (list(self.rank.kept.values()) if self.rank is not None else [])
+        kept = self.keep + list(extra) + (list(self.rank.kept.values()) if self.rank is not None else [])
         fingerprint = torch.tensor([mask_fingerprint(kept)], dtype=torch.int64, device=device)
         low, high = fingerprint.clone(), fingerprint.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -168,6 +169,13 @@ class DistributedPruningRun(PruningRun):
         cross_entropy = cross_entropy.detach().clone()
         dist.all_reduce(cross_entropy)
         return cross_entropy / self.world_size
+
+    def _agree(self, value):
+        """Rank 0's value on every rank (LoRAShear's protection and recovery choices are computed on every
+        rank from the same weights; taking rank 0's rules out a tie broken differently)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def save_checkpoint(self) -> None:
         if self.rank == 0:

@@ -106,6 +106,14 @@ def cubic_ratio(
     ``initial_ratio`` before ``wT``, ``final_ratio`` from ``T − cT`` on.
     """
     start, end = warmup * total_steps, total_steps - cooldown * total_steps
+    return cubic_ratio_between(step, start, end, final_ratio, initial_ratio)
+
+
+def cubic_ratio_between(
+    step: float, start: float, end: float, final_ratio: float, initial_ratio: float = 0.0
+) -> float:
+    """The cubic schedule between steps ``start`` and ``end``: ``initial_ratio`` up to ``start``,
+    ``final_ratio`` from ``end`` on (:func:`cubic_ratio` with ``start = wT``, ``end = T − cT``)."""
     if step <= start:
         return initial_ratio
     if step >= end:

@@ -40,6 +40,8 @@ class LoraPruneLinear(nn.Module):
 
     ``lora_A`` (r×in) and ``lora_B`` (out×r) are the trainable factors (``None`` when
     ``r == 0``: a frozen, maskable linear); ``out_mask`` and ``in_mask`` are bool keep-masks.
+    While a unit fades out (:meth:`set_fade`, LoRAShear's LHSPG in :mod:`loraprune.fade`) the base
+    part of its features is scaled by a factor ``m`` in [0, 1).
 
     Masks may be edited in place, by ``set_masks`` (which copies into the same buffers),
     ``load_state_dict``, in-place ops, or writes that bypass autograd's version counter
@@ -243,6 +245,67 @@ class LoraPruneLinear(nn.Module):
     # Set by :func:`loraprune.distill.teacher_mode`: the layer computes its frozen base alone (no
     # masks, no LoRA), so that the patched model is also the unpruned teacher, without a copy.
     base_only = False
+    # Set by :meth:`set_fade` (:mod:`loraprune.fade`): output / input features whose frozen base part
+    # (``W`` rows with their bias / ``W`` columns) is scaled by ``m`` in [0, 1) while their unit fades
+    # out; ``(index int64, m float32)`` on the layer's device, or ``None``.
+    fade_out = None
+    fade_in = None
+
+    @property
+    def fading(self) -> bool:
+        """Whether features of this layer are fading out (their base scaled by ``m < 1``)."""
+        return self.fade_out is not None or self.fade_in is not None
+
+    def set_fade(
+        self,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        in_: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Scale the frozen base of output features ``out = (index, m)`` (rows of ``W`` and the bias)
+        and of input features ``in_ = (index, m)`` (columns of ``W``) by ``m``; the LoRA path and the
+        masks are unchanged. ``None`` ends the fade of that side. The layer then computes, per faded
+        feature, ``m·W + s·B·A`` (exact for every backend: the kernels run as before and the base part
+        of the faded features, ``(1 − m)·W``, is taken off with one GEMM over those features only)."""
+        for name, value, size in (("out", out, self.out_features), ("in_", in_, self.in_features)):
+            if value is None:
+                continue
+            index, factor = value
+            if index.dtype != torch.int64 or index.ndim != 1 or factor.shape != index.shape:
+                raise ValueError(f"set_fade: {name} must be (int64 index, factor) of the same length")
+            if index.numel() and not (int(index.min()) >= 0 and int(index.max()) < size):
+                raise ValueError(f"set_fade: {name} indexes features outside [0, {size})")
+        device = self.out_mask.device
+        self.fade_out = None if out is None else (out[0].to(device), out[1].to(device, torch.float32))
+        self.fade_in = None if in_ is None else (in_[0].to(device), in_[1].to(device, torch.float32))
+
+    def _check_not_fading(self, where: str) -> None:
+        if self.fading:
+            raise ValueError(
+                f"{where}: features of this layer are still fading out (fade_steps): let the fade end "
+                "(the units are then masked) before merging"
+            )
+
+    def _faded(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the layer's output with every kept feature's full base) with the base part of the
+        fading features scaled by ``m``: ``y + (m − 1)·(base of those features)`` (an entry of ``W`` in a
+        fading row and a fading column is scaled by both factors)."""
+        x_in = x * self.in_mask.to(x.dtype) if self._in_masked else x
+        if self.fade_in is not None:
+            index, factor = self.fade_in
+            columns = x_in.index_select(-1, index)
+            part = _FrozenSliceLinear.apply(columns * (factor - 1).to(x.dtype), self.weight, index, 1)
+            if self._out_masked:
+                part = part * self.out_mask.to(part.dtype)
+            y = y + part.to(y.dtype)
+            if self.fade_out is not None:  # the rows' base below sees the faded columns
+                x_in = x_in.index_copy(-1, index, columns * factor.to(x.dtype))
+        if self.fade_out is not None:
+            index, factor = self.fade_out
+            part = _FrozenSliceLinear.apply(x_in, self.weight, index, 0)
+            if self.bias is not None:
+                part = part + self.bias.index_select(0, index).to(part.dtype)
+            y = y.index_add(-1, index, (part * (factor - 1).to(part.dtype)).to(y.dtype))
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.base_only:
@@ -286,6 +349,10 @@ class LoraPruneLinear(nn.Module):
             self.lora_B.zero_()
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._masked_lora_forward(x)
+        return self._faded(x, y) if self.fading else y
+
+    def _masked_lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         out_masked, in_masked = self._out_masked, self._in_masked
         if self.lora_A is None:
             if in_masked:
@@ -314,6 +381,7 @@ class LoraPruneLinear(nn.Module):
 
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing this layer: LoRA merged, masked rows/columns zeroed."""
+        self._check_not_fading("merged_linear")
         weight, bias = ops.compact_linear(self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         weight = weight * self.out_mask[:, None].to(weight.dtype) * self.in_mask[None, :].to(weight.dtype)
         if bias is not None:
@@ -335,6 +403,26 @@ class LoraPruneLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"scaling={self.scaling:g}, dropout={self.dropout:g}, bias={self.bias is not None}"
         )
+
+
+class _FrozenSliceLinear(torch.autograd.Function):
+    """``x·Sᵀ`` with ``S`` the rows (``dim`` 0) or columns (``dim`` 1) ``index`` of a frozen ``W``: the
+    slice is gathered again in the backward instead of being kept (while many features fade it is a large
+    part of ``W``); only ``x`` gets a gradient. Under autocast it computes in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, index, dim):
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(weight, index)
+        ctx.dim = dim
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight.index_select(dim, index).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, index = ctx.saved_tensors
+        return grad @ weight.index_select(ctx.dim, index).to(grad.dtype), None, None, None
 
 
 def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.Module:

@@ -54,6 +54,9 @@ class LoraPruner:
         self.groups: list[StructureGroup] = build_groups(self.model, self.config)
         self.tracker = ImportanceTracker(self.model, self.groups, self.config)
         self.keep = [torch.ones(g.num_units, dtype=torch.bool) for g in self.groups]
+        # Knowledge-distribution protection (:meth:`protect`): units never chosen, and groups left whole.
+        self.protected: list[torch.Tensor] | None = None
+        self.exempt: list[bool] = [False] * len(self.groups)
         self.rank: RankPruner | None = None  # PrunedLoRA: the adapters' rank shrinks (lora_final_r)
         if self.config.lora_final_r is not None:
             self.rank = RankPruner(
@@ -89,20 +92,66 @@ class LoraPruner:
 
     def prune(self, ratio: float | None = None) -> None:
         """Grow the masks to ``ratio`` (default: the config's target) of each group's units."""
+        for i, keep in enumerate(self.choose(ratio)):
+            if not torch.equal(keep, self.keep[i]):
+                self.set_group_mask(i, keep)
+
+    def choose(
+        self, ratio: float | None = None, keep: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """The keep-masks :meth:`prune` would set: ``keep`` (default: the current masks) grown to
+        ``ratio`` of each group's units by the scores; nothing is applied (a fade applies them later,
+        :mod:`loraprune.fade`). Protected units are never chosen and exempt groups lose none."""
         ratio = self.config.ratio if ratio is None else check_ratio(ratio, "ratio")
+        keeps = self.keep if keep is None else keep
         if ratio > 0 and self.tracker.num_applied_updates() == 0:
             raise RuntimeError(
                 "no importance scores yet: call update_scores() after a backward pass before prune()"
             )
         scores = [s.detach().float().cpu() for s in self.tracker.scores]
+        if self.protected is not None:  # ranked last: chosen only if nothing else is left (checked below)
+            scores = [s.masked_fill(p, float("inf")) for s, p in zip(scores, self.protected, strict=True)]
+        active = [i for i in range(len(self.groups)) if not self.exempt[i]]
+        targets = [0] * len(self.groups)
         if self.config.ranking == "global":
-            targets = global_prune_counts(self.groups, scores, self.keep, ratio)
+            counts = global_prune_counts(
+                [self.groups[i] for i in active],
+                [scores[i] for i in active],
+                [keeps[i] for i in active],
+                ratio,
+            )
+            for i, count in zip(active, counts, strict=True):
+                targets[i] = count
         else:
-            targets = [prune_count(g, ratio) for g in self.groups]
-        for i, (group, target) in enumerate(zip(self.groups, targets, strict=True)):
-            keep = grow_mask(self.keep[i], scores[i], target, group.blocks)
-            if not torch.equal(keep, self.keep[i]):
-                self.set_group_mask(i, keep)
+            for i in active:
+                targets[i] = prune_count(self.groups[i], ratio)
+        chosen = [
+            grow_mask(keeps[i], scores[i], targets[i], group.blocks) for i, group in enumerate(self.groups)
+        ]
+        if self.protected is not None:
+            for group, new, protected in zip(self.groups, chosen, self.protected, strict=True):
+                if bool((protected & ~new).any()):
+                    raise RuntimeError(
+                        f"{group.name}: ratio {ratio:g} had to choose a protected unit (protect_fraction "
+                        "leaves too few units to prune)"
+                    )
+        return chosen
+
+    def protect(self, protected: list[torch.Tensor], exempt: list[bool] | None = None) -> None:
+        """Units never chosen (bool per unit and group) and groups that lose none (``exempt``), from the
+        knowledge-distribution analysis (:mod:`loraprune.protect`, whose ``check_reachable`` says whether
+        the config's ratio can still be reached; :meth:`choose` raises where it cannot)."""
+        exempt = [False] * len(self.groups) if exempt is None else [bool(e) for e in exempt]
+        if len(protected) != len(self.groups) or len(exempt) != len(self.groups):
+            raise ValueError(f"protect: expected one entry per group ({len(self.groups)})")
+        for group, mask in zip(self.groups, protected, strict=True):
+            if mask.dtype != torch.bool or mask.shape != (group.num_units,):
+                raise ValueError(f"protect: {group.name} needs a bool tensor of shape ({group.num_units},)")
+        masks = [m.cpu().clone() for m in protected]
+        for group, keep, mask in zip(self.groups, self.keep, masks, strict=True):
+            if bool((mask & ~keep).any()):
+                raise ValueError(f"protect: {group.name} has a protected unit that is already masked")
+        self.protected, self.exempt = masks, exempt
 
     def set_group_mask(self, index: int, keep: torch.Tensor) -> None:
         """Apply a unit keep-mask to every member matrix of group ``index``."""
@@ -138,9 +187,12 @@ class LoraPruner:
 
     def masked_fractions(self, ratio: float | None = None) -> dict[str, float]:
         """Fraction of the pruned layers' units masked per kind (``attention``, ``mlp``): now, or
-        what the exact per-layer counts reach at ``ratio`` (with 3 KV groups a layer, 0.5 masks 2)."""
+        what the exact per-layer counts reach at ``ratio`` (with 3 KV groups a layer, 0.5 masks 2) over
+        the groups the ratio applies to (not those :meth:`protect` exempts)."""
         totals: dict[str, list[int]] = {}
-        for group, keep in zip(self.groups, self.keep, strict=True):
+        for group, keep, exempt in zip(self.groups, self.keep, self.exempt, strict=True):
+            if ratio is not None and exempt:
+                continue  # left whole by protection: not among the groups the ratio applies to
             masked = int((~keep).sum()) if ratio is None else prune_count(group, ratio)
             total = totals.setdefault(group.kind, [0, 0])
             total[0] += masked
@@ -154,7 +206,13 @@ class LoraPruner:
         for kind, reached in self.masked_fractions(ratio).items():
             if abs(reached - ratio) <= tolerance:
                 continue
-            counts = sorted({(g.num_units, prune_count(g, ratio)) for g in self.groups if g.kind == kind})
+            counts = sorted(
+                {
+                    (g.num_units, prune_count(g, ratio))
+                    for g, exempt in zip(self.groups, self.exempt, strict=True)
+                    if g.kind == kind and not exempt
+                }
+            )
             per_layer = ", ".join(f"{masked} of {units}" for units, masked in counts)
             notes.append(
                 f"ratio {ratio:g} masks {reached:.1%} of the {kind} units: each pruned layer loses "
@@ -173,6 +231,10 @@ class LoraPruner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Masks and importance state (LoRA factors live in the model's own state dict)."""
         state = {f"{g.name}.keep": k for g, k in zip(self.groups, self.keep, strict=True)}
+        if self.protected is not None:
+            for group, protected, exempt in zip(self.groups, self.protected, self.exempt, strict=True):
+                state[f"{group.name}.protected"] = protected
+                state[f"{group.name}.exempt"] = torch.tensor(exempt)
         state.update(self.tracker.state_dict())
         if self.rank is not None:
             state.update({f"lora_rank.{k}": v for k, v in self.rank.state_dict().items()})
@@ -191,6 +253,9 @@ class LoraPruner:
             if keep is None:
                 raise ValueError(f"pruner state: {group.name}.keep is missing")
             self.set_group_mask(i, keep.cpu())
+        if any(f"{g.name}.protected" in state for g in self.groups):
+            self.protected = [state[f"{g.name}.protected"].cpu().clone() for g in self.groups]
+            self.exempt = [bool(state[f"{g.name}.exempt"]) for g in self.groups]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -311,9 +311,13 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._in_masked:
             x = x * self.in_mask.to(x.dtype)
-        y = self.base(x)
+        # A fade (set_fade) scales the base's input columns and output rows, the LoRA path unchanged:
+        # this forward is unfused, so the scaling is exact and costs one multiply per feature.
+        y = self.base(x if self.fade_in is None else x * _fade_scale(self.fade_in, self.in_features, x))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
+        if self.fade_out is not None:
+            y = y * _fade_scale(self.fade_out, self.out_features, y)
         if self.lora_A is not None:
             lora_in = F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
             y = y + self.scaling * F.linear(
@@ -325,6 +329,7 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
 
     def merged_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` in ``dense_dtype``: LoRA merged, masked rows/columns zeroed."""
+        self._check_not_fading("merged_linear")
         weight, bias = self.compact(None, None)
         weight = weight * self.out_mask[:, None].to(weight.dtype) * self.in_mask[None, :].to(weight.dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
@@ -335,6 +340,13 @@ class QuantizedLoraPruneLinear(LoraPruneLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}"
+
+
+def _fade_scale(fade: tuple[torch.Tensor, torch.Tensor], size: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-feature scale: 1, and the fade's factor at its features."""
+    index, factor = fade
+    ones = torch.ones(size, dtype=like.dtype, device=like.device)
+    return ones.index_copy(0, index, factor.to(like.dtype))
 
 
 __all__ = [

@@ -10,6 +10,10 @@ as well; the optimizer's state is narrowed with them. ``mode="oneshot"`` is LLM-
 score once on calibration batches, prune to the target, then fine-tune. Options: distillation from
 the unpruned model during the fine-tuning (``distill_weight``, :mod:`loraprune.distill`), and a
 closed-form refit of o_proj and down_proj before compaction (``reconstruct``, :mod:`loraprune.refit`).
+LoRAShear's parts (:mod:`loraprune.lorashear`): the knowledge-distribution protection before the first step
+(``protect_fraction``, :mod:`loraprune.protect`), chosen units fading out over ``fade_steps`` instead of being
+masked at once (:mod:`loraprune.fade`), and the cool-down as a staged recovery over several text sources
+(``recovery_sources``, :mod:`loraprune.recovery`).
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from loraprune import lorashear
 from loraprune.config import LoraPruneConfig
 from loraprune.data import WindowSampler
 from loraprune.distill import Distiller, distill_options
+from loraprune.fade import Fader, FadeSchedule
 from loraprune.lora_rank import RankSchedule, rank_schedule
 from loraprune.masks import cubic_ratio
 from loraprune.nn import lora_modules
+from loraprune.protect import Protection, heldout_loss
 from loraprune.pruner import LoraPruner
 from loraprune.refit import ConsumerRefit, calibration_windows, reconstruct, reconstruct_options
 
@@ -91,6 +98,11 @@ class PruneSchedule:
         start = self.warmup * self.steps
         return tuple(sorted({t for t in range(self.prune_every, end, self.prune_every) if t > start} | {end}))
 
+    @property
+    def end(self) -> int:
+        """The first step of the cool-down, where the masks reach the target."""
+        return self.prune_steps[-1]
+
     def scoring(self, steps_done: int) -> bool:
         """Whether the optimizer step after ``steps_done`` steps scores importance."""
         return steps_done < self.prune_steps[-1]
@@ -134,6 +146,14 @@ class RunConfig:
     reconstruct: bool = False  # refit o_proj and down_proj before compaction
     reconstruct_lambda: float | None = None  # ridge, relative to mean(diag C) (None: 0.01)
     reconstruct_samples: int | None = None  # calibration windows of seq_len (None: 64)
+    # LoRAShear (loraprune.lorashear): each part is an option of its own
+    protect_fraction: float = 0.0  # γ: the most damaging fraction of structures is never pruned (0: off)
+    protect_by: str | None = None  # "layer" (default with protect_fraction) or "unit"
+    heldout_windows: int | None = None  # windows of each source held out (None: 16 where one is needed)
+    fade_steps: int = 0  # a chosen unit's base fades to zero over this many steps, then masked (0: at once)
+    fade_epsilon: float | None = None  # ε of the fade's half-space projection (None: 0.0 with a fade)
+    recovery_stages: int | None = None  # the cool-down's stages over the sources (None: one per source)
+    recovery_rule: str | None = None  # how a stage's source is chosen: "deviation" (default) or "drop"
 
     def __post_init__(self) -> None:
         _check_positive_ints(
@@ -160,12 +180,15 @@ class RunConfig:
         self.reconstruct_lambda, self.reconstruct_samples = reconstruct_options(
             self.reconstruct, self.reconstruct_lambda, self.reconstruct_samples
         )
+        lorashear.check_options(self)
         if self.mode == "iterative":
             self.schedule()
 
-    def schedule(self) -> PruneSchedule:
-        """The iterative mode's pruning schedule."""
-        return PruneSchedule(self.steps, self.prune_every, self.warmup, self.cooldown)
+    def schedule(self) -> PruneSchedule | FadeSchedule:
+        """The iterative mode's pruning schedule (with ``fade_steps``: its selections, compressed so that
+        every chosen unit has faded out and is masked at the start of the cool-down)."""
+        schedule = PruneSchedule(self.steps, self.prune_every, self.warmup, self.cooldown)
+        return FadeSchedule(schedule, self.fade_steps) if self.fade_steps else schedule
 
     def prune_steps(self) -> list[int]:
         """Optimizer steps after which masks grow (none in one-shot mode)."""
@@ -196,6 +219,10 @@ class PruningRun:
         amp_dtype: autocast dtype (bf16/fp16) or ``None`` for none; fp16 adds loss scaling.
         checkpoint: path of the checkpoint file; ``None`` disables checkpoints.
         progress: show a progress bar.
+        recovery_sources: LoRAShear's recovery (:mod:`loraprune.recovery`): token windows of more text
+            sources by name; the cool-down then trains in stages on the source each stage's rule picks
+            among ``windows`` (named ``data_name``) and these.
+        data_name: the name of ``windows`` in checkpoints' settings and the report.
     """
 
     pruner_class: type[LoraPruner] = LoraPruner  # loraprune.distributed swaps in its subclass
@@ -211,12 +238,16 @@ class PruningRun:
         amp_dtype: torch.dtype | None = None,
         checkpoint: Path | None = None,
         progress: bool = True,
+        recovery_sources: dict[str, torch.Tensor] | None = None,
+        data_name: str = "data",
     ) -> None:
         self.prune_config, self.run_config, self.seed = prune_config, run_config, seed
+        sources = recovery_sources or {}
+        windows, self.heldout = lorashear.hold_out(run_config, windows, sources, data_name, seed)
         self.pruner = self.pruner_class(model, prune_config)
         self.model = self.pruner.model
         self.device = next(self.model.parameters()).device
-        self.sampler = WindowSampler(windows, run_config.batch_size, seed)
+        self.sampler = self.main_sampler = WindowSampler(windows, run_config.batch_size, seed)
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         self.optimizer = torch.optim.AdamW(
@@ -248,7 +279,52 @@ class PruningRun:
         if run_config.reconstruct:
             self.refit_windows = calibration_windows(windows, run_config.reconstruct_samples, seed)
         self.reconstruction: list[ConsumerRefit] = []
+        self.fader: Fader | None = None
+        if run_config.fade_steps:
+            self.fader = Fader(self.pruner, run_config.fade_steps, run_config.fade_epsilon, self.schedule)
+        self.protection: Protection | None = None
+        start = run_config.fade_steps if self.schedule is None else self.schedule.end  # the cool-down's
+        self.recovery = lorashear.build_recovery(
+            run_config, windows, self.heldout, sources, data_name, seed, start
+        )
+        self.prepared = False  # prepare() done (or its results restored from a checkpoint)
         torch.manual_seed(seed)
+
+    # -- LoRAShear's parts (loraprune.lorashear) ---------------------------------------------------
+    def _agree(self, value):
+        """A value computed on every process, as the first process computed it (data parallel overrides)."""
+        return value
+
+    def _heldout_losses(self, windows: list[torch.Tensor]) -> list[float]:
+        return self._agree(
+            [heldout_loss(self.model, w, self.run_config.batch_size, self.amp_dtype) for w in windows]
+        )
+
+    def prepare(self) -> None:
+        """Before the first step: the knowledge-distribution analysis (``protect_fraction``) and the
+        unpruned model's held-out losses (recovery). :meth:`run` calls it; the CLI calls it before it
+        writes anything, so that a ``protect_fraction`` the ratio cannot reach fails first."""
+        if self.prepared:
+            return
+        if self.run_config.protect_fraction > 0:
+            self.protection = lorashear.protect(
+                self.pruner, self.heldout, self.run_config, self.amp_dtype, self.progress, self._agree
+            )
+        if self.recovery is not None:
+            self.recovery.dense = self._heldout_losses([s.heldout for s in self.recovery.sources])
+        self.prepared = True
+
+    def _before_step(self) -> None:
+        """A recovery stage starting: choose its source; the step's batches come from that source."""
+        if self.recovery is None:
+            return
+        if self.recovery.due(self.step):
+            self.recovery.choose(self.step, self._heldout_losses([s.heldout for s in self.recovery.sources]))
+        self.sampler = self.recovery.sampler(self.step) or self.main_sampler
+
+    def method_report(self) -> dict:
+        """What protection, fade and recovery did (``prune_report.json``'s ``protect``, ``fade``, ``recovery``)."""
+        return lorashear.report(self.protection, self.fader, self.recovery, self.pruner.groups)
 
     # -- training ----------------------------------------------------------------------------
     @property
@@ -297,7 +373,11 @@ class PruningRun:
             self.pruner.update_scores()
             self.model.zero_grad(set_to_none=True)
             self.scaler.update()
-        self.pruner.prune(self.prune_config.ratio)
+        if self.fader is not None:  # every unit fades over the first fade_steps steps
+            self.fader.select(self.prune_config.ratio, 0)
+            self.fader.apply(0)
+        else:
+            self.pruner.prune(self.prune_config.ratio)
         self.pruner.finish_scoring()
 
     def _train_step(self) -> None:
@@ -312,12 +392,16 @@ class PruningRun:
         if self.rank_scoring:
             self.pruner.update_rank_scores()
         torch.nn.utils.clip_grad_norm_(self.pruner.trainable_parameters(), config.max_grad_norm)
+        if self.fader is not None:
+            self.fader.before_update(self.step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)
         self.step += 1
         self.last_loss = float(torch.stack(losses).mean())  # the step's one host synchronisation
-        if self.schedule is not None:
+        if self.fader is not None:
+            self.fader.step_done(self.step)
+        elif self.schedule is not None:
             self.schedule.step_done(self.pruner, self.step)
         if self.rank_schedule is not None and self.step in self.rank_schedule.steps:
             last = self.step == self.last_rank_step
@@ -346,9 +430,17 @@ class PruningRun:
                 total=config.steps, initial=self.step, desc="prune", unit="step", disable=not self.progress
             ) as bar,
         ):
-            if config.mode == "oneshot" and self.step == 0 and not self.pruner.masked_anything():
+            self.prepare()
+            fading = self.fader is not None and self.fader.started()
+            if (
+                config.mode == "oneshot"
+                and self.step == 0
+                and not self.pruner.masked_anything()
+                and not fading
+            ):
                 self._calibrate()
             while self.step < target:
+                self._before_step()
                 tick = time.perf_counter()
                 tokens_before = self.tokens_seen
                 self._train_step()
@@ -368,6 +460,8 @@ class PruningRun:
                     self.save_checkpoint()
                 if interrupted():
                     raise KeyboardInterrupt(f"interrupted after step {self.step}")
+        if self.recovery is not None and self.step >= config.steps and self.recovery.final is None:
+            self.recovery.final = self._heldout_losses([s.heldout for s in self.recovery.sources])
         self.elapsed += time.perf_counter() - started
         return self.summary()
 
@@ -407,12 +501,15 @@ class PruningRun:
         # may change between sessions without changing the checkpointed state
         for key in ("save_every", "reconstruct", "reconstruct_lambda", "reconstruct_samples"):
             run.pop(key)
-        return {
+        settings = {
             "prune_config": self.prune_config.to_dict(),
             "run_config": run,
             "seed": self.seed,
             "amp_dtype": str(self.amp_dtype),
         }
+        if self.recovery is not None:
+            settings["recovery_sources"] = [source.name for source in self.recovery.sources]
+        return settings
 
     def save_checkpoint(self) -> None:
         """Everything needed to continue bit-exactly, in one file replaced atomically."""
@@ -420,6 +517,10 @@ class PruningRun:
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
             tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
+        method_tensors, method_metadata = lorashear.checkpoint_state(
+            self.protection, self.fader, self.recovery
+        )
+        tensors.update(method_tensors)
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -432,6 +533,8 @@ class PruningRun:
             "optimizer_param_groups": optimizer_state["param_groups"],
             "scaler": self.scaler.state_dict(),
         }
+        if method_metadata is not None:
+            metadata["lorashear"] = method_metadata
         write_checkpoint_file(self.checkpoint, tensors, metadata)
 
     def load_checkpoint(self) -> None:
@@ -453,9 +556,14 @@ class PruningRun:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step, self.last_loss = metadata["step"], metadata["last_loss"]
         self.tokens_seen, self.elapsed = metadata["tokens_seen"], metadata["elapsed"]
+        self.protection = lorashear.load_checkpoint_state(
+            metadata.get("lorashear"), tensors, self.fader, self.recovery, self.step
+        )
+        self.prepared = True
         if self.schedule is not None and not self.schedule.scoring(self.step):
             self.pruner.finish_scoring()
-        if self.run_config.mode == "oneshot" and self.pruner.masked_anything():
+        fading = self.fader is not None and self.fader.started()
+        if self.run_config.mode == "oneshot" and (self.pruner.masked_anything() or fading):
             self.pruner.finish_scoring()
 
 

@@ -138,6 +138,45 @@ def test_refit_and_distillation_give_a_loadable_model_and_report_the_refit(paths
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_lorashear_prunes_every_layer_with_protection_fade_and_staged_recovery(paths, tmp_path):
+    # two shared texts stand in for pretraining and instruction data
+    docs = str(shared_path("data", "docs-heldout", "calib.txt"))
+    out = tmp_path / "out"
+    extra = ["--method", "lorashear", "--recovery-data", docs, "--steps", "8", "--cooldown", "0.5"]
+    extra += ["--heldout-windows", "2", "--save-every", "2"]
+    assert prune(paths, out, *extra) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["method"] == "lorashear" and report["prune_config"]["layers"] == [0, 1, 2, 3, 4, 5]
+    run_config = report["run_config"]
+    assert (run_config["protect_fraction"], run_config["protect_by"], run_config["fade_steps"]) == (
+        0.1,
+        "layer",
+        2,
+    )
+    protect = report["protect"]
+    protected = [g["group"] for g in protect["groups"] if g["exempt"]]
+    assert all(g["protected_units"] == [] for g in protect["groups"])
+    assert len(protected) == 2 and {p.rsplit(".", 1)[1] for p in protected} == {"attention", "mlp"}
+    kept = {g["name"]: (g["kept"], g["total"]) for g in report["groups"]}
+    assert all(kept[name] in ((6, 6), (1024, 1024)) for name in protected)
+    assert sorted(kept.values()).count((3, 6)) == 5 and sorted(kept.values()).count((512, 1024)) == 5
+    fade = report["fade"]  # warm-up 0.8, cool-down from step 4: the choice at 4 − 2 fades until 4
+    assert (
+        fade["steps"] == 2 and fade["masked_by_step"] == 4 and all(g["fading"] == 0 for g in fade["groups"])
+    )
+    assert fade["selections"] == [{"step": 2, "ratio": 0.5}]
+    recovery = report["recovery"]
+    assert [s["name"] for s in recovery["sources"]] == [paths["data"], docs]
+    assert [(s["start_step"], s["end_step"]) for s in recovery["stages"]] == [(4, 6), (6, 8)]
+    for stage in recovery["stages"]:  # the rule: the source furthest above the unpruned model's loss
+        assert (
+            stage["source"] == [paths["data"], docs][max(range(2), key=lambda i: (stage["deviation"][i], -i))]
+        )
+    assert set(recovery["final_heldout_loss"]) == {paths["data"], docs}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+
+
 def test_resume_refuses_other_settings(paths, tmp_path, capsys):
     out = tmp_path / "out"
     assert prune(paths, out, "--stop-after", "1") == 0
@@ -222,6 +261,66 @@ BAD_INPUTS = {
     "distill temperature without weight": (
         lambda p: ["prune", p["model"], "--data", p["data"], "--distill-temperature", "2"],
         "--distill-temperature",
+    ),
+    # LoRAShear's parts (loraprune.lorashear)
+    "protect fraction 1": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--protect-fraction", "1.0"],
+        "--protect-fraction",
+    ),
+    "protect fraction negative": (
+        lambda p: [
+            "prune",
+            p["model"],
+            "--data",
+            p["data"],
+            "--method",
+            "lorashear",
+            "--protect-fraction",
+            "-0.1",
+        ],
+        "--protect-fraction",
+    ),
+    # by layer (the cheap proxy), all six layers: 0.95 protects every attention group and MLP group
+    "protect fraction protecting every layer": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--protect-fraction", "0.95", "--layers", "all"],
+        "--protect-fraction",
+    ),
+    "fade longer than the pruning window": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--fade-steps", "4"],
+        "--fade-steps",
+    ),
+    "lorashear's default fade longer than the window": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--method", "lorashear", "--prune-every", "4"],
+        "--fade-steps",
+    ),
+    "fade epsilon without a fade": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--fade-epsilon", "0.1"],
+        "--fade-epsilon",
+    ),
+    "missing recovery data": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--recovery-data", p["missing"]],
+        "--recovery-data",
+    ),
+    "recovery data too short": (
+        lambda p: [
+            "prune",
+            p["model"],
+            "--data",
+            p["data"],
+            "--cooldown",
+            "0.5",
+            "--recovery-data",
+            p["short"],
+        ],
+        "--recovery-data",
+    ),
+    "recovery without a cool-down": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--cooldown", "0", "--recovery-data", p["eval"]],
+        "--recovery-data",
+    ),
+    "recovery stages without recovery data": (
+        lambda p: ["prune", p["model"], "--data", p["data"], "--recovery-stages", "2"],
+        "--recovery-stages",
     ),
     "eval missing data": (lambda p: ["eval", p["model"], "--data", p["missing"]], "--data"),
     "eval missing model": (lambda p: ["eval", p["missing"], "--data", p["data"]], "MODEL:"),

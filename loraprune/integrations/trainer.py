@@ -33,9 +33,10 @@ The callback runs :class:`~loraprune.run.PruningRun`'s procedure inside the user
   collected during the backward summed over ranks, masks checked equal on every pruning step), as
   ``DistributedPruningRun`` does. FSDP and DeepSpeed (they shard or take over the weights and
   gradients) are refused.
-- **Not here:** distillation and the refit of o_proj/down_proj (``RunConfig``'s ``distill_weight``
-  and ``reconstruct``, :mod:`loraprune.distill`, :mod:`loraprune.refit`) belong to ``PruningRun``'s
-  loop; the callback takes a ``LoraPruneConfig``, which holds neither.
+- **Not here:** distillation, the refit of o_proj/down_proj and LoRAShear's parts (``RunConfig``'s
+  ``distill_weight``, ``reconstruct``, ``protect_fraction``, ``fade_steps`` and the recovery sources,
+  :mod:`loraprune.distill`, :mod:`loraprune.refit`, :mod:`loraprune.lorashear`) belong to ``PruningRun``'s
+  loop; the callback takes a ``LoraPruneConfig``, which holds none of them.
 """
 
 from __future__ import annotations
