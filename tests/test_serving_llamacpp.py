@@ -204,6 +204,7 @@ def random_model(family: str, rope: dict | None = None) -> torch.nn.Module:
     Qwen3's head_dim 32 is not hidden/heads."""
     config_cls, model_cls, extra = {
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "llama-bias": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"tie_word_embeddings": True, "hidden_size": 96}),
         "granite": (GraniteConfig, GraniteForCausalLM, GRANITE),
@@ -331,6 +332,29 @@ def test_pruned_qwen3_and_granite_give_transformers_greedy_tokens_at_f32(
     assert llama_cpp_greedy(llm, prompt, NEW_TOKENS, None) == transformers_greedy(
         model, prompt, NEW_TOKENS, None
     )
+
+
+def test_refit_with_compensated_biases_gives_transformers_logits(tiny_llama_dir, tmp_path):
+    """``--reconstruct`` on a LLaMA with o_proj/down_proj biases rewrites those biases: llama.cpp serves them."""
+    from loraprune import LoraPruneConfig, LoraPruner
+    from loraprune.refit import reconstruct
+
+    model = random_model("llama-bias")
+    pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5, criterion="magnitude", layers=(0, 1)))
+    pruner.update_scores()
+    pruner.prune()
+    model.eval()
+    original = model.model.layers[0].mlp.down_proj.bias.detach().clone()
+    windows = torch.randint(3, 8192, (8, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reconstruct(model, windows, batch_size=4)
+    model = pruner.compact().eval()
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.bias, original)  # compensated
+    model, path = saved_pruned_and_exported(model, tiny_llama_dir, tmp_path)
+    llm = engine(path)
+    tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    error = served_logit_error(llm, model, tokens)
+    assert error < 1e-4, error
 
 
 def gguf_architecture(path: Path) -> str:
