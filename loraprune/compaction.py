@@ -169,8 +169,8 @@ def _expand(
     return None if index.numel() == size else index.to(device)
 
 
-# a passive tensor's unit kind -> (kept_units key, unit width in head_dims: 1, or 0 for one row)
-_PASSIVE_UNITS = {"heads": ("heads", 1), "kv_heads": ("kv", 1), "channels": ("channels", 0)}
+# a passive tensor's unit kind -> (kept_units key, whether a unit is head_dim entries wide, else one)
+_PASSIVE_UNITS = {"heads": ("heads", True), "kv_heads": ("kv", True), "channels": ("channels", False)}
 
 
 def _slice_passive(

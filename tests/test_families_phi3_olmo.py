@@ -149,7 +149,7 @@ def test_peft_adapter_on_fused_qkv_splits_into_member_adapters_exactly():
 
 @pytest.mark.parametrize("name", ["olmo2-gqa-untied-bias", "olmo2-mha-tied"])
 def test_olmo2_norm_rewrite_is_exact_where_naive_slicing_is_not(name):
-    masked, model = masked_and_compacted(family_model(name))
+    masked, model = masked_and_compacted(family_model(name), lora=False)  # the slicing alone
     tokens = random_tokens(length=16)
     error = assert_close(logits(model, tokens), masked)
     naive = copy.deepcopy(model)
@@ -207,7 +207,7 @@ def test_folders_load_without_loraprune_with_equal_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["phi3-mha-tied", "olmo2-gqa-untied-bias"])
-def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, calib_text, tmp_path):
+def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, calib_text, tmp_path, capsys):
     dense = with_tokenizer(family_model(name, vocab=8192), tmp_path / "dense", tiny_llama_dir)
     out = tmp_path / "out"
     run = ["--ratio", "0.5", "--steps", "2", "--prune-every", "1", "--seq-len", "32", "--batch-size", "2"]
@@ -217,6 +217,12 @@ def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, cal
     assert config["model_type"] == family.pruned_model_type
     model = AutoModelForCausalLM.from_pretrained(out)
     assert min(pruned_layer_widths(model)) < 40 and (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0  # per-layer counts, read from the (fused) modules
+    info = json.loads(capsys.readouterr().out)
+    plan = config["pruned_layers"]
+    assert [layer["heads"] for layer in info["layers"]] == [e["num_attention_heads"] for e in plan]
+    assert [layer["channels"] for layer in info["layers"]] == [e["intermediate_size"] for e in plan]
 
 
 def test_phi3_exports_as_deci_with_split_tensors_and_per_layer_counts(tiny_llama_dir, tmp_path):
