@@ -10,8 +10,6 @@ not installed. loraprune itself uses these same classes.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -48,10 +46,10 @@ PLAN_KEYS = (
 class PrunedModelMixin:
     """Resizes each decoder layer to ``config.pruned_layers`` right after the family's constructor."""
 
-    # path in a decoder layer -> plan count: modules whose 1-D weight is sliced with those units (head_dim each)
-    passive_widths: ClassVar[dict[str, str]] = {}
-    # path in a decoder layer -> the class its module is given (a per-layer computation of the family's own)
-    pruned_module_classes: ClassVar[dict[str, type]] = {}
+    # (path in a decoder layer, plan count): modules whose 1-D weight is sliced with those units (head_dim each)
+    passive_widths: tuple[tuple[str, str], ...] = ()
+    # (path in a decoder layer, class): modules given a per-layer computation of the family's own
+    pruned_module_classes: tuple[tuple[str, type], ...] = ()
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
@@ -69,7 +67,7 @@ class PrunedModelMixin:
             entry["intermediate_size"],
         )
         layer, dim = self.model.layers[index], attention_head_dim(self)
-        for path, count in self.passive_widths.items():
+        for path, count in self.passive_widths:
             module = layer.get_submodule(path)
             width = entry[count] * dim
             if module.weight.shape[0] != width:
@@ -82,7 +80,7 @@ class PrunedModelMixin:
         """Give modules the pruned classes' own computation (no state changes): called by the
         constructor, and by compaction after it swaps the model's class."""
         for layer in self.model.layers:
-            for path, cls in self.pruned_module_classes.items():
+            for path, cls in self.pruned_module_classes:
                 module = layer.get_submodule(path)
                 if not isinstance(module, cls):
                     module.__class__ = cls
@@ -150,7 +148,7 @@ class PrunedPhi3ForCausalLM(PrunedModelMixin, Phi3ForCausalLM):
     layer's own counts, read by :class:`PrunedPhi3Attention`."""
 
     config_class = PrunedPhi3Config
-    pruned_module_classes: ClassVar[dict[str, type]] = {"self_attn": PrunedPhi3Attention}
+    pruned_module_classes = (("self_attn", PrunedPhi3Attention),)
 
     def resize_pruned_layer(self, index: int, entry: dict) -> None:
         heads, kv_heads = entry["num_attention_heads"], entry["num_key_value_heads"]
@@ -174,10 +172,10 @@ class PrunedOlmo2ForCausalLM(PrunedModelMixin, Olmo2ForCausalLM):
     √(N/K) and its eps by N/K (the plan's per-layer ``norm_eps``)."""
 
     config_class = PrunedOlmo2Config
-    passive_widths: ClassVar[dict[str, str]] = {
-        "self_attn.q_norm": "num_attention_heads",
-        "self_attn.k_norm": "num_key_value_heads",
-    }
+    passive_widths = (
+        ("self_attn.q_norm", "num_attention_heads"),
+        ("self_attn.k_norm", "num_key_value_heads"),
+    )
 
 
 class PrunedOlmo3ForCausalLM(PrunedModelMixin, Olmo3ForCausalLM):

@@ -4,7 +4,9 @@ Each class is vLLM's own ``*ForCausalLM`` whose decoder layers are vLLM's own de
 built from a per-layer view of the config (:func:`loraprune.integrations.vllm.layer_config`), so
 every layer's fused qkv / gate_up projections, attention and paged KV cache have that layer's
 sizes and vLLM's kernels, batching and weight loading (which fuses q/k/v and gate/up by name,
-slicing by each layer's own counts) work unchanged.
+slicing by each layer's own counts) work unchanged. OLMo 2 and 3, which vLLM 0.32 serves only through
+its transformers backend (one head count for every layer), get a model built here from vLLM's LLaMA
+layers (:class:`PrunedOlmo2DecoderLayer`).
 """
 
 from __future__ import annotations
