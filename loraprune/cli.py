@@ -406,6 +406,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from loraprune.fused import split_fused
     from loraprune.sources import gguf_config
     from loraprune.structures import layer_shape
 
@@ -413,6 +414,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = gguf_config(source.path) if source.kind == "gguf" else AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):  # shapes and counts only: no weights are read
         model = AutoModelForCausalLM.from_config(config)
+    split_fused(model)  # a family's fused matrices (Phi-3's qkv_proj) as the projections counted below
     rows = []
     for index, layer in enumerate(model.model.layers):
         shape = layer_shape(model, index)

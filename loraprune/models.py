@@ -19,6 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loraprune.configuration_loraprune import (
     PrunedLlamaConfig,
     PrunedMistralConfig,
+    PrunedOlmo2Config,
+    PrunedOlmo3Config,
+    PrunedPhi3Config,
     PrunedQwen2Config,
     PrunedQwen3Config,
 )
@@ -26,6 +29,9 @@ from loraprune.modeling_loraprune import (
     PLAN_KEYS,
     PrunedLlamaForCausalLM,
     PrunedMistralForCausalLM,
+    PrunedOlmo2ForCausalLM,
+    PrunedOlmo3ForCausalLM,
+    PrunedPhi3ForCausalLM,
     PrunedQwen2ForCausalLM,
     PrunedQwen3ForCausalLM,
     resize_layer,
@@ -47,6 +53,9 @@ PRUNED_CLASSES: dict[str, tuple[type, type]] = {
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
     "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
+    "phi3": (PrunedPhi3Config, PrunedPhi3ForCausalLM),
+    "olmo2": (PrunedOlmo2Config, PrunedOlmo2ForCausalLM),
+    "olmo3": (PrunedOlmo3Config, PrunedOlmo3ForCausalLM),
 }
 
 

@@ -22,6 +22,8 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -361,3 +363,39 @@ def gguf_architecture(path: Path) -> str:
     import gguf
 
     return gguf.GGUFReader(path).fields["general.architecture"].contents()
+
+
+def test_pruned_phi3_gives_transformers_greedy_tokens_through_deci_at_f32(tiny_llama_dir, tmp_path):
+    """Phi-3 / Phi-4: fused qkv_proj and gate_up_proj, exported split into deci's separate tensors with
+    each layer's own counts (default RoPE over whole heads, as in Phi-3-mini 4k and Phi-4)."""
+    config = Phi3Config(
+        vocab_size=8192,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.1)
+    model = pruned_by_magnitude(model, 0.5, layers=(0, 1))  # layer 2 stays whole
+    assert type(model.model.layers[0].self_attn.qkv_proj) is torch.nn.Linear  # fused again
+    model, path = saved_pruned_and_exported(model, tiny_llama_dir, tmp_path)
+    assert gguf_architecture(path) == "deci"
+    llm = engine(path)
+    tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    error = served_logit_error(llm, model, tokens)
+    print(f"phi3 (deci): llama.cpp f32 vs transformers fp32, max relative logit difference {error:.3g}")
+    assert error < 1e-4, error
+    prompt = tokens[:20]
+    assert llama_cpp_greedy(llm, prompt, NEW_TOKENS, None) == transformers_greedy(
+        model, prompt, NEW_TOKENS, None
+    )

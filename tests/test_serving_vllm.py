@@ -322,3 +322,71 @@ def test_default_multiprocess_engine_finds_the_plugin(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("SERVED=")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     assert_same_greedy(reference_greedy(model_dir, prompts), json.loads(lines[0].removeprefix("SERVED=")))
+
+
+def random_phi3_olmo_model(family: str, out: Path) -> Path:
+    """A small random Phi-3 (fused qkv_proj/gate_up_proj), OLMo 2 (q/k norms over the whole width,
+    rewritten at compaction; attention biases) or OLMo 3 (OLMo 2's layer with a sliding window of 8 in
+    layers 0-2) pruned at 50%, GQA, head size 32."""
+    from transformers import (
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        Olmo3Config,
+        Olmo3ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
+
+    config_cls, model_cls, extra = {
+        "phi3": (Phi3Config, Phi3ForCausalLM, {}),
+        "phi3-tied": (Phi3Config, Phi3ForCausalLM, {"tie_word_embeddings": True}),
+        "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"attention_bias": True}),
+        "olmo3": (Olmo3Config, Olmo3ForCausalLM, {"sliding_window": 8, "tie_word_embeddings": True}),
+    }[family]
+    config = config_cls(
+        **{
+            "vocab_size": 512,
+            "hidden_size": 128,
+            "intermediate_size": 192,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            **extra,
+        }
+    )
+    torch.manual_seed(0)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 or name.endswith("bias"):
+                param.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.2)
+    shapes = prune(model, 0.5, "kv_group", out)
+    assert len(set(shapes)) > 1
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [
+        ("phi3", "PrunedPhi3ForCausalLM"),
+        ("phi3-tied", "PrunedPhi3ForCausalLM"),
+        ("olmo2", "PrunedOlmo2ForCausalLM"),
+        ("olmo3", "PrunedOlmo3ForCausalLM"),
+    ],
+)
+def test_pruned_phi3_and_olmo_give_transformers_greedy_tokens(family, architecture, tmp_path):
+    model_dir = random_phi3_olmo_model(family, tmp_path / family)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    if family.startswith("olmo"):  # per-layer q/k norm eps, rewritten at compaction
+        assert len({json.dumps(e["norm_eps"]) for e in config["pruned_layers"]}) > 1
+    prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))

@@ -6,7 +6,7 @@ family it is saved as. Adding a family is a folder with a :class:`Family` and a 
 
 from __future__ import annotations
 
-from loraprune.families import granite, llama, mistral, qwen2, qwen3
+from loraprune.families import granite, llama, mistral, olmo2, olmo3, phi3, qwen2, qwen3
 from loraprune.families.base import Family
 
 __all__ = [
@@ -21,6 +21,7 @@ PRUNED_MODEL_TYPE_PREFIX = "loraprune_"
 FAMILIES: dict[str, Family] = {
     module.FAMILY.model_type: module.FAMILY for module in (llama, mistral, qwen2, granite, qwen3)
 }
+FAMILIES.update({module.FAMILY.model_type: module.FAMILY for module in (phi3, olmo2, olmo3)})
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
