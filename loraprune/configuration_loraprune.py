@@ -8,7 +8,15 @@ installed. loraprune itself uses these same classes.
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+    SmolLM3Config,
+)
 
 
 class PrunedLlamaConfig(LlamaConfig):
@@ -25,3 +33,15 @@ class PrunedQwen2Config(Qwen2Config):
 
 class PrunedQwen3Config(Qwen3Config):
     model_type = "loraprune_qwen3"
+
+
+class PrunedGemma2Config(Gemma2Config):
+    model_type = "loraprune_gemma2"
+
+
+class PrunedGemma3TextConfig(Gemma3TextConfig):
+    model_type = "loraprune_gemma3_text"
+
+
+class PrunedSmolLM3Config(SmolLM3Config):
+    model_type = "loraprune_smollm3"
