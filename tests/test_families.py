@@ -79,7 +79,9 @@ def family_options(name: str, layers: int = 4) -> dict:
     if config_cls is Gemma2Config:
         return GEMMA | (GEMMA2_SOFTCAPS if "softcap" in name else GEMMA2_NO_SOFTCAPS)
     if config_cls is Gemma3TextConfig:
-        return GEMMA | {"layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]}
+        return GEMMA | {
+            "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)]
+        }
     if config_cls is SmolLM3Config:
         return SMOLLM3 | {"mlp_bias": bias}
     return {}
