@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+    SmolLM3ForCausalLM,
+)
 from transformers.models.olmo2 import Olmo2ForCausalLM
 from transformers.models.olmo3 import Olmo3ForCausalLM
 from transformers.models.phi3 import Phi3ForCausalLM
@@ -24,6 +32,8 @@ from transformers.models.phi3.modeling_phi3 import (
 )
 
 from .configuration_loraprune import (
+    PrunedGemma2Config,
+    PrunedGemma3TextConfig,
     PrunedLlamaConfig,
     PrunedMistralConfig,
     PrunedOlmo2Config,
@@ -31,6 +41,7 @@ from .configuration_loraprune import (
     PrunedPhi3Config,
     PrunedQwen2Config,
     PrunedQwen3Config,
+    PrunedSmolLM3Config,
 )
 
 PLAN_KEYS = (
@@ -183,6 +194,30 @@ class PrunedOlmo3ForCausalLM(PrunedModelMixin, Olmo3ForCausalLM):
 
     config_class = PrunedOlmo3Config
     passive_widths = PrunedOlmo2ForCausalLM.passive_widths
+
+
+class PrunedGemma2ForCausalLM(PrunedModelMixin, Gemma2ForCausalLM):
+    """Gemma 2's four norms per layer, embedding scale, soft-caps and query_pre_attn_scalar act on the
+    hidden size or per score, never on a head or channel: kept as they are.
+
+    SDPA has no soft-cap: transformers 5.19 (vLLM 0.32's) chooses it by default for Gemma 2 and drops
+    ``attn_logit_softcapping`` without a word; declared unsupported here, as transformers 5.23 does, so
+    that the default is eager attention wherever the checkpoint is loaded."""
+
+    config_class = PrunedGemma2Config
+    _supports_sdpa = False
+
+
+class PrunedGemma3ForCausalLM(PrunedModelMixin, Gemma3ForCausalLM):
+    """Gemma 3 (text): Gemma 2's layout plus q_norm/k_norm over head_dim shared by all heads (as Qwen3's)."""
+
+    config_class = PrunedGemma3TextConfig
+
+
+class PrunedSmolLM3ForCausalLM(PrunedModelMixin, SmolLM3ForCausalLM):
+    """SmolLM3: LLaMA's layout; its no-RoPE layers (``config.no_rope_layers``) are per layer, not per head."""
+
+    config_class = PrunedSmolLM3Config
 
 
 def validate_plan(plan: object, num_layers: int) -> list[dict]:

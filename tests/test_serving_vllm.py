@@ -187,12 +187,26 @@ def test_fixture_models_give_transformers_greedy_tokens(fixture, ratio, gqa_unit
     assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
 
 
+# Gemma: a window of 8 (shorter than prompt and continuation), scores scaled by 24 ** -0.5 (not head_dim's)
+GEMMA = {"hidden_size": 96, "sliding_window": 8, "query_pre_attn_scalar": 24}
+# soft-caps that bend scores and logits of this size (Gemma 2's own: 50 and 30)
+GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 10.0, "final_logit_softcapping": 5.0}
+GEMMA3_LAYER_TYPES = {"layer_types": ["sliding_attention", "full_attention"] * 2}
+# NoPE in every second layer; SmolLM3's own special-token ids lie outside the vocabulary
+SMOLLM3 = {"no_rope_layer_interval": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
 def random_family_model(family: str, out: Path) -> Path:
     """A small random model pruned at 50%, GQA, head size 32 (one the CPU backend has): Mistral, Qwen2
     (q/k/v biases) and Qwen3 (q/k norms, head_dim 32 != hidden/heads; tied or untied, with biases),
-    whose vLLM classes differ from LLaMA's, and Granite (its multipliers, folded at compaction:
-    served as LLaMA)."""
+    whose vLLM classes differ from LLaMA's, Granite (its multipliers, folded at compaction: served
+    as LLaMA), Gemma 2 and Gemma 3 (a window shorter than the prompts, query_pre_attn_scalar, Gemma 2's
+    soft-caps; head_dim 32 != hidden/heads) and SmolLM3 (NoPE in every second layer)."""
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GraniteConfig,
         GraniteForCausalLM,
         MistralConfig,
@@ -201,6 +215,8 @@ def random_family_model(family: str, out: Path) -> Path:
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
     )
 
     config_cls, model_cls, extra = {
@@ -218,6 +234,24 @@ def random_family_model(family: str, out: Path) -> Path:
                 "residual_multiplier": 0.22,
                 "logits_scaling": 8.0,
             },
+        ),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, GEMMA | GEMMA2_SOFTCAPS | {"tie_word_embeddings": True}),
+        "gemma2-untied-bias": (Gemma2Config, Gemma2ForCausalLM, GEMMA | {"attention_bias": True}),
+        "gemma3": (
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            GEMMA | GEMMA3_LAYER_TYPES | {"tie_word_embeddings": True},
+        ),
+        "gemma3-untied-bias": (
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            GEMMA | GEMMA3_LAYER_TYPES | {"attention_bias": True},
+        ),
+        "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, SMOLLM3 | {"tie_word_embeddings": True}),
+        "smollm3-untied-bias": (
+            SmolLM3Config,
+            SmolLM3ForCausalLM,
+            SMOLLM3 | {"attention_bias": True, "mlp_bias": True},
         ),
     }[family]
     config = config_cls(
@@ -267,6 +301,30 @@ def test_pruned_granite_and_qwen3_give_transformers_greedy_tokens(family, archit
     assert json.loads((model_dir / "config.json").read_text())["architectures"] == [architecture]
     prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
     assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [
+        ("gemma2", "PrunedGemma2ForCausalLM"),
+        ("gemma2-untied-bias", "PrunedGemma2ForCausalLM"),
+        ("gemma3", "PrunedGemma3ForCausalLM"),
+        ("gemma3-untied-bias", "PrunedGemma3ForCausalLM"),
+        ("smollm3", "PrunedSmolLM3ForCausalLM"),
+        ("smollm3-untied-bias", "PrunedSmolLM3ForCausalLM"),
+    ],
+)
+def test_pruned_gemma_and_smollm3_give_transformers_greedy_tokens(family, architecture, tmp_path):
+    """12-token prompts and 32 new tokens: past the window of 8 in prefill and in decoding."""
+    from vllm.model_executor.models import gemma2, gemma3
+
+    model_dir = random_family_model(family, tmp_path / family)
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == [architecture]
+    prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
+    # the pruned Gemma models bind vLLM's decoder-layer class to theirs for their constructor only
+    assert gemma2.Gemma2DecoderLayer.__module__ == gemma2.__name__
+    assert gemma3.Gemma3DecoderLayer.__module__ == gemma3.__name__
 
 
 def test_qwen3_with_attention_bias_is_refused_naming_the_reason(tmp_path):

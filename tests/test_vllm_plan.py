@@ -58,6 +58,9 @@ def test_architectures_are_the_ones_compact_writes():
         "PrunedPhi3ForCausalLM",
         "PrunedOlmo2ForCausalLM",
         "PrunedOlmo3ForCausalLM",
+        "PrunedGemma2ForCausalLM",
+        "PrunedGemma3ForCausalLM",
+        "PrunedSmolLM3ForCausalLM",
     )
 
 
