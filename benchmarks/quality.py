@@ -19,7 +19,9 @@ schedule, ratio and seed change. Methods (``--methods``):
 - ``taylor-long-cooldown``: ``taylor`` with a 5% warm-up and a 50% cool-down.
 - ``taylor-refit``, ``taylor-distill``, ``taylor-refit-distill``: ``taylor`` with ``--reconstruct``
   (closed-form refit of o_proj/down_proj before compaction), ``--distill-weight 0.5`` (KL to the
-  unpruned model while fine-tuning), and both (issue #24).
+  unpruned model while fine-tuning), and both (issue #24). Both are the package's defaults since
+  this study: ``taylor-refit-distill`` is loraprune's default settings; every other method passes
+  ``--no-reconstruct --distill-weight 0`` (LoRAPrune, LLM-Pruner and Torch-Pruning have neither).
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
   its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
   ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
@@ -74,6 +76,9 @@ from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, Recorder, Result,
 from benchmarks.torch_pruning_baseline import INSTALL as TORCH_PRUNING_INSTALL
 from benchmarks.torch_pruning_baseline import REPORT_NAME as TORCH_PRUNING_REPORT
 
+# every method runs without the refit and distillation unless its name says so (the package's defaults
+# turn both on since the study below: ``taylor-refit-distill`` is loraprune's default settings)
+WITHOUT = ("--no-reconstruct", "--distill-weight", "0")
 REFIT = ("--reconstruct",)
 DISTILL = ("--distill-weight", "0.5")
 METHODS = {  # name: (criterion, mode, extra CLI flags)
@@ -352,7 +357,7 @@ class QualityRun:
                 extra = (*extra, "--calib-batches", str(math.ceil(LLM_PRUNER_SAMPLES / budget.batch_size)))
             command = [
                 *("prune", str(model), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
-                *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *extra),
+                *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *WITHOUT, *extra),
                 *("--steps", str(budget.steps), "--batch-size", str(budget.batch_size)),
                 *("--seq-len", str(budget.seq_len), "--lr", str(budget.lr)),
                 *("--seed", str(budget.seed), "--prune-every", str(budget.prune_every)),

@@ -213,9 +213,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         checkpoint=out / CHECKPOINT_NAME,
         progress=not args.quiet,
     )
+    run_config = run.run_config  # the automatic refit and distillation decided for this model and data
     dense_parameters, _ = run.pruner.parameter_counts()
     for note in run.pruner.unreachable_ratio_notes():
         print(f"loraprune prune: warning: --{note}", file=sys.stderr)
+    for note in run.notes:
+        print(f"loraprune prune: note: {note}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)  # everything is validated: OUT_DIR may be written from here on
     if args.resume:
         run.load_checkpoint()

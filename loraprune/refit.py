@@ -57,20 +57,22 @@ CONSUMERS = {"o_proj": ("q_proj", "k_proj", "v_proj"), "down_proj": ("gate_proj"
 
 
 def reconstruct_options(
-    reconstruct: bool, lam: float | None, samples: int | None
+    reconstruct: bool | None, lam: float | None, samples: int | None
 ) -> tuple[float | None, int | None]:
     """The checked ``reconstruct_lambda`` and ``reconstruct_samples`` (defaults filled in when
-    ``reconstruct``; setting them without it is an error)."""
-    if not reconstruct:
+    ``reconstruct``; setting them with ``reconstruct=False`` is an error). With ``reconstruct``
+    ``None`` (automatic) an unset ``samples`` stays ``None``: the run fills it from its data."""
+    if reconstruct is False:
         for name, value in (("reconstruct_lambda", lam), ("reconstruct_samples", samples)):
             if value is not None:
                 raise ValueError(f"{name} needs reconstruct (the refit of o_proj and down_proj)")
         return None, None
     lam = DEFAULT_LAMBDA if lam is None else lam
-    samples = DEFAULT_SAMPLES if samples is None else samples
+    if reconstruct and samples is None:
+        samples = DEFAULT_SAMPLES
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"reconstruct_lambda must be a finite number >= 0, got {lam!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"reconstruct_samples must be a positive integer, got {samples!r}")
     return float(lam), samples
 
