@@ -101,6 +101,7 @@ def test_refit_and_distillation_are_decided_per_model_and_data_by_default():
 
 
 def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
+    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN in a backgrounded shell, Python's default elsewhere
     run = make_run(tmp_path)
     original = run._train_step
 
@@ -115,7 +116,7 @@ def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
     resumed = make_run(tmp_path)
     resumed.load_checkpoint()
     assert resumed.step == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
 def test_taylor_frees_weight_gradients_after_the_last_pruning_step(tmp_path):
