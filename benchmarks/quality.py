@@ -22,6 +22,7 @@ schedule, ratio and seed change. Methods (``--methods``):
   unpruned model while fine-tuning), and both (issue #24). Both are the package's defaults since
   this study: ``taylor-refit-distill`` is loraprune's default settings; every other method passes
   ``--no-reconstruct --distill-weight 0`` (LoRAPrune, LLM-Pruner and Torch-Pruning have neither).
+  ``lora-refit-distill``: the paper's LoRA criterion with both.
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
   its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
   ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
@@ -101,6 +102,7 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "taylor-refit": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
     "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
     "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
+    "lora-refit-distill": ("lora", "iterative", (*REFIT, *DISTILL)),  # the paper's criterion with both
     # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
     "tp-taylor": ("lora", "iterative", ()),
     "tp-magnitude": ("lora", "iterative", ()),
