@@ -54,7 +54,16 @@ from benchmarks.harness import (
     shared_dir,
     step_memory_bytes,
 )
-from benchmarks.quality import CHECKPOINT_NAME, FIXTURES, PAIRS, REPORT_NAME, SEED_PATTERN, Budget, QualityRun
+from benchmarks.quality import (
+    CHECKPOINT_NAME,
+    FIXTURES,
+    PAIRS,
+    REPORT_NAME,
+    SEED_PATTERN,
+    WITHOUT,
+    Budget,
+    QualityRun,
+)
 
 METHODS = {  # name: extra CLI flags (all --criterion lora)
     "r8": ("--lora-r", "8"),
@@ -164,7 +173,7 @@ def run_one(study: QualityRun, budget: Budget, method: str, ratio: float, provid
     command = [
         *("prune", str(shared.joinpath(*FIXTURES[budget.fixture]))),
         *("--data", str(shared.joinpath(*calibration)), "--out", str(out), "--criterion", "lora"),
-        *("--ratio", str(ratio), *METHODS[method], "--steps", str(budget.steps)),
+        *("--ratio", str(ratio), *WITHOUT, *METHODS[method], "--steps", str(budget.steps)),
         *("--batch-size", str(budget.batch_size), "--seq-len", str(budget.seq_len), "--lr", str(budget.lr)),
         *("--seed", str(budget.seed), "--prune-every", str(budget.prune_every)),
         *(arg for parts in evals.values() for arg in ("--eval-data", str(shared.joinpath(*parts)))),

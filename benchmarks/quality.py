@@ -19,14 +19,18 @@ schedule, ratio and seed change. Methods (``--methods``):
 - ``taylor-long-cooldown``: ``taylor`` with a 5% warm-up and a 50% cool-down.
 - ``taylor-refit``, ``taylor-distill``, ``taylor-refit-distill``: ``taylor`` with ``--reconstruct``
   (closed-form refit of o_proj/down_proj before compaction), ``--distill-weight 0.5`` (KL to the
-  unpruned model while fine-tuning), and both (issue #24).
-- ``lorashear``, ``taylor-protect``, ``taylor-fade``: LoRAShear (issue #25): ``--method lorashear`` (every
-  layer pruned, the most damaging 10% of each kind's layer groups protected by their held-out loss
-  increase, each chosen unit's base faded out over ``--prune-every`` steps); its protection alone, in
-  place of LoRAPrune's fixed skip of the first and last layers (``--layers all --protect-fraction 0.1``);
-  its fade alone (``--fade-steps`` = the budget's ``--prune-every``). The pairs have one calibration
-  text, so LoRAShear's staged recovery over several sources (``--recovery-data``) is not part of the
-  study: its cool-down is the same fine-tuning as the others'.
+  unpruned model while fine-tuning), and both (issue #24). Both are the package's defaults since
+  this study: ``taylor-refit-distill`` is loraprune's default settings; every other method passes
+  ``--no-reconstruct --distill-weight 0`` (LoRAPrune, LLM-Pruner and Torch-Pruning have neither).
+  ``lora-refit-distill``: the paper's LoRA criterion with both.
+- ``lorashear``, ``default-protect``, ``default-fade``: LoRAShear (issue #25) on the package's default
+  settings (``taylor-refit-distill``): ``--method lorashear`` (every layer pruned, the most damaging 10%
+  of each kind's layer groups protected by their held-out loss increase, each chosen unit's base faded
+  out over ``--prune-every`` steps); its protection alone, in place of LoRAPrune's fixed skip of the
+  first and last layers (``--layers all --protect-fraction 0.1``); its fade alone (``--fade-steps`` =
+  the budget's ``--prune-every``). The pairs have one calibration text, so LoRAShear's staged recovery
+  over several sources (``--recovery-data``) is not part of the study: its cool-down is the same
+  fine-tuning as the others'.
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
   its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
   ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
@@ -81,6 +85,9 @@ from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, Recorder, Result,
 from benchmarks.torch_pruning_baseline import INSTALL as TORCH_PRUNING_INSTALL
 from benchmarks.torch_pruning_baseline import REPORT_NAME as TORCH_PRUNING_REPORT
 
+# every method runs without the refit and distillation unless its name says so (the package's defaults
+# turn both on since the study below: ``taylor-refit-distill`` is loraprune's default settings)
+WITHOUT = ("--no-reconstruct", "--distill-weight", "0")
 REFIT = ("--reconstruct",)
 DISTILL = ("--distill-weight", "0.5")
 METHODS = {  # name: (criterion, mode, extra CLI flags)
@@ -103,15 +110,20 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "taylor-refit": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
     "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
     "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
+    "lora-refit-distill": ("lora", "iterative", (*REFIT, *DISTILL)),  # the paper's criterion with both
     # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned), then each of
-    # its parts alone on the default criterion (taylor-fade's --fade-steps: the budget's --prune-every)
-    "lorashear": ("taylor", "iterative", ("--taylor-impl", "fused", "--method", "lorashear")),
-    "taylor-protect": (
+    # its parts alone, all on the package's defaults (default-fade's --fade-steps: the budget's --prune-every)
+    "lorashear": (
         "taylor",
         "iterative",
-        ("--taylor-impl", "fused", "--layers", "all", "--protect-fraction", "0.1"),
+        ("--taylor-impl", "fused", *REFIT, *DISTILL, "--method", "lorashear"),
     ),
-    "taylor-fade": ("taylor", "iterative", ("--taylor-impl", "fused")),
+    "default-protect": (
+        "taylor",
+        "iterative",
+        ("--taylor-impl", "fused", *REFIT, *DISTILL, "--layers", "all", "--protect-fraction", "0.1"),
+    ),
+    "default-fade": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
     # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
     "tp-taylor": ("lora", "iterative", ()),
     "tp-magnitude": ("lora", "iterative", ()),
@@ -366,11 +378,11 @@ class QualityRun:
             criterion, mode, extra = METHODS.get(method, ("lora", "iterative", ()))
             if method == "llm-pruner":
                 extra = (*extra, "--calib-batches", str(math.ceil(LLM_PRUNER_SAMPLES / budget.batch_size)))
-            if method == "taylor-fade":
+            if method == "default-fade":
                 extra = (*extra, "--fade-steps", str(budget.prune_every))
             command = [
                 *("prune", str(model), "--data", str(shared.joinpath(*calibration)), "--out", str(out)),
-                *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *extra),
+                *("--ratio", str(ratio), "--criterion", criterion, "--mode", mode, *WITHOUT, *extra),
                 *("--steps", str(budget.steps), "--batch-size", str(budget.batch_size)),
                 *("--seq-len", str(budget.seq_len), "--lr", str(budget.lr)),
                 *("--seed", str(budget.seed), "--prune-every", str(budget.prune_every)),

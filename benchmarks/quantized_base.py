@@ -49,6 +49,7 @@ from benchmarks.harness import (
     step_memory_bytes,
     time_calls,
 )
+from benchmarks.quality import WITHOUT
 
 BASES = ("bf16", "int8", "nf4")
 RESULT_PREFIX = "RESULT "
@@ -167,6 +168,7 @@ def run_quality(args: argparse.Namespace) -> list[dict]:
                 str(out),
             ]
             command += [
+                *WITHOUT,  # the study predates the refit and distillation defaults
                 "--ratio",
                 "0.5",
                 "--steps",

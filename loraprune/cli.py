@@ -243,9 +243,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         recovery_sources=recovery_sources or None,
         data_name=str(args.data),
     )
+    run_config = run.run_config  # the automatic refit and distillation decided for this model and data
     dense_parameters, _ = run.pruner.parameter_counts()
     for note in run.pruner.unreachable_ratio_notes():
         print(f"loraprune prune: warning: --{note}", file=sys.stderr)
+    for note in run.notes:
+        print(f"loraprune prune: note: {note}", file=sys.stderr)
     if not args.resume:
         run.prepare()  # LoRAShear's protection: a protect_fraction the ratio cannot reach fails here
     out.mkdir(parents=True, exist_ok=True)  # everything is validated: OUT_DIR may be written from here on
@@ -453,6 +456,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from loraprune.fused import split_fused
     from loraprune.sources import gguf_config
     from loraprune.structures import layer_shape
 
@@ -460,6 +464,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = gguf_config(source.path) if source.kind == "gguf" else AutoConfig.from_pretrained(source.path)
     with torch.device("meta"):  # shapes and counts only: no weights are read
         model = AutoModelForCausalLM.from_config(config)
+    split_fused(model)  # a family's fused matrices (Phi-3's qkv_proj) as the projections counted below
     rows = []
     for index, layer in enumerate(model.model.layers):
         shape = layer_shape(model, index)

@@ -270,32 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--distill-weight",
         type=float,
-        default=0.0,
+        default=None,
         metavar="ALPHA",
         help="distil from the unpruned model while fine-tuning: loss (1-ALPHA)·CE + ALPHA·T²·KL(teacher‖student), "
         "the teacher being the frozen base with masks and LoRA off (one extra forward per step, no copy of "
-        "the weights; default 0: off)",
+        "the weights; default 0.5 where the teacher can be formed; 0: off)",
     )
     prune.add_argument(
         "--distill-temperature",
         type=float,
         default=None,
         metavar="T",
-        help="with --distill-weight: the softmax temperature (default 1)",
+        help="the distillation's softmax temperature (default 1)",
     )
     prune.add_argument(
         "--reconstruct",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="after the final masks, refit the kept columns of o_proj and down_proj in closed form (ridge "
         "least squares toward the original weights, on calibration windows run through the pruned model "
-        "one layer at a time)",
+        "one layer at a time; default: on, except over several devices)",
     )
     prune.add_argument(
         "--reconstruct-lambda",
         type=float,
         default=None,
         metavar="LAMBDA",
-        help="with --reconstruct: the ridge, relative to the mean diagonal of the input covariance "
+        help="the refit's ridge, relative to the mean diagonal of the input covariance "
         "(default 0.01; 0: plain least squares)",
     )
     prune.add_argument(
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="with --reconstruct: calibration windows of --seq-len tokens drawn from --data (default 64)",
+        help="the refit's calibration windows of --seq-len tokens drawn from --data (default 64, at most "
+        "the windows --data holds)",
     )
     _add_lorashear_flags(prune)
     prune.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,9 @@ checks that they describe valid structures, replaces every projection by a dense
 (``W' = (W + s·B·A)[rows][:, cols]``, fp32 merge) and turns the model, in place and without
 copying weights, into the family's pruned class with the plan in its config. A family saved as
 another family's class (Granite as LLaMA) has its ``fold`` rewrite the weights that differ, and the
-model is rebuilt as that class around the same tensors.
+model is rebuilt as that class around the same tensors. A family's passive tensors (OLMo 2's
+q_norm/k_norm weights) are sliced with their units, and its fused matrices (Phi-3's qkv_proj),
+split while pruning, are fused again (:mod:`loraprune.fused`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from torch import nn
 
 from loraprune import ops
 from loraprune.families import Family
+from loraprune.families.base import Passive
+from loraprune.fused import fuse_split, split_fused
 from loraprune.models import set_attention_heads
 from loraprune.nn import LoraPruneLinear
 from loraprune.quantization import QuantizedLoraPruneLinear
@@ -100,6 +104,7 @@ def compact(model: nn.Module) -> nn.Module:
                 f"compact: {path} has units that are still fading out (fade_steps); run until the fade "
                 "ends (the units are masked then) before compacting"
             )
+    split_fused(model)  # a no-op unless the family has fused matrices not split yet (an unpatched model)
     old_plan = getattr(model.config, "pruned_layers", None)
     dim = head_dim(model)
     plan = []
@@ -144,7 +149,16 @@ def compact(model: nn.Module) -> nn.Module:
         set_attention_heads(
             decoder_layers(model)[layer].self_attn, len(kept_units["heads"]), len(kept_units["kv"])
         )
-        plan.append(_plan_entry(kept_units, None if old_plan is None else old_plan[layer]))
+        entry = _plan_entry(kept_units, None if old_plan is None else old_plan[layer])
+        norm_eps = {
+            passive.path: _slice_passive(decoder_layers(model)[layer], passive, kept_units, dim)
+            for passive in family.passive
+        }
+        norm_eps = {path: eps for path, eps in norm_eps.items() if eps is not None}
+        if norm_eps:
+            entry["norm_eps"] = norm_eps
+        plan.append(entry)
+    fuse_split(model)
     for param in model.parameters():
         param.requires_grad_(True)  # a plain Hugging Face model again
     return _convert(model, family, plan)
@@ -159,6 +173,30 @@ def _expand(
     units, width = kept_units[spec[0]], spec[1]
     index = (units[:, None] * width + torch.arange(width)).flatten()
     return None if index.numel() == size else index.to(device)
+
+
+# a passive tensor's unit kind -> (kept_units key, whether a unit is head_dim entries wide, else one)
+_PASSIVE_UNITS = {"heads": ("heads", True), "kv_heads": ("kv", True), "channels": ("channels", False)}
+
+
+def _slice_passive(
+    layer: nn.Module, passive: Passive, kept_units: dict[str, torch.Tensor], dim: int
+) -> float | None:
+    """Slice a passive module's weight to its kept units' entries, in place; an RMSNorm over the whole
+    width (``rms_over_width``) gets weight·√(N/K) and eps·N/K, computing what it computed over N
+    entries of which the removed ones were 0. Returns its (new) eps where it has one in the plan."""
+    module = layer.get_submodule(passive.path)
+    key, heads = _PASSIVE_UNITS[passive.unit]
+    weight = module.weight
+    index = _expand(kept_units, (key, dim if heads else 1), weight.shape[0], weight.device)
+    if index is not None:
+        full, kept = weight.shape[0], index.numel()
+        sliced = weight.index_select(0, index)
+        if passive.rms_over_width:
+            sliced = (sliced.float() * (full / kept) ** 0.5).to(weight.dtype)
+            module.variance_epsilon = float(module.variance_epsilon) * full / kept
+        module.weight = nn.Parameter(sliced, requires_grad=weight.requires_grad)
+    return float(module.variance_epsilon) if passive.rms_over_width else None
 
 
 def _plan_entry(kept_units: dict[str, torch.Tensor], previous: dict | None) -> dict:
@@ -207,6 +245,8 @@ def _convert(model: nn.Module, family: Family, plan: list[dict]) -> nn.Module:
         if getattr(module, "config", None) is old_config:
             module.config = new_config
     model.__class__ = model_cls  # a subclass adding only the plan-driven constructor: no state to convert
+    if hasattr(model, "swap_module_classes"):
+        model.swap_module_classes()  # modules of the pruned class's own (Phi-3's per-layer attention)
     return model
 
 

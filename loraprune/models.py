@@ -17,17 +17,29 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraprune.configuration_loraprune import (
+    PrunedGemma2Config,
+    PrunedGemma3TextConfig,
     PrunedLlamaConfig,
     PrunedMistralConfig,
+    PrunedOlmo2Config,
+    PrunedOlmo3Config,
+    PrunedPhi3Config,
     PrunedQwen2Config,
     PrunedQwen3Config,
+    PrunedSmolLM3Config,
 )
 from loraprune.modeling_loraprune import (
     PLAN_KEYS,
+    PrunedGemma2ForCausalLM,
+    PrunedGemma3ForCausalLM,
     PrunedLlamaForCausalLM,
     PrunedMistralForCausalLM,
+    PrunedOlmo2ForCausalLM,
+    PrunedOlmo3ForCausalLM,
+    PrunedPhi3ForCausalLM,
     PrunedQwen2ForCausalLM,
     PrunedQwen3ForCausalLM,
+    PrunedSmolLM3ForCausalLM,
     resize_layer,
     set_attention_heads,
     validate_plan,
@@ -47,6 +59,12 @@ PRUNED_CLASSES: dict[str, tuple[type, type]] = {
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
     "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
+    "phi3": (PrunedPhi3Config, PrunedPhi3ForCausalLM),
+    "olmo2": (PrunedOlmo2Config, PrunedOlmo2ForCausalLM),
+    "olmo3": (PrunedOlmo3Config, PrunedOlmo3ForCausalLM),
+    "gemma2": (PrunedGemma2Config, PrunedGemma2ForCausalLM),
+    "gemma3_text": (PrunedGemma3TextConfig, PrunedGemma3ForCausalLM),
+    "smollm3": (PrunedSmolLM3Config, PrunedSmolLM3ForCausalLM),
 }
 
 

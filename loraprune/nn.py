@@ -1,7 +1,7 @@
 """The masked LoRA linear module and the in-place patching of a loaded model.
 
-``patch_model`` swaps the seven projections of every decoder layer (q/k/v/o, gate/up/down)
-for :class:`LoraPruneLinear`: the frozen base weight, LoRA factors (on ``target_modules``) and
+``patch_model`` swaps the seven projections of every decoder layer (q/k/v/o, gate/up/down; a fused
+matrix split into them first, :mod:`loraprune.fused`) for :class:`LoraPruneLinear`: the frozen base weight, LoRA factors (on ``target_modules``) and
 keep-masks over output features (q/k/v/gate/up rows) and input features (o/down columns).
 Projections without LoRA still carry masks, so every member of a pruned structure can be
 zeroed. ``unpatch_model`` swaps them back for plain ``nn.Linear`` layers with LoRA merged and
@@ -21,6 +21,7 @@ from torch import nn
 
 from loraprune import ops
 from loraprune.config import LoraPruneConfig
+from loraprune.fused import split_fused
 from loraprune.ops.masked_lora_linear import MaskPlan, enabled_fast_paths, masked_lora_linear_plan
 from loraprune.structures import decoder_layers, projection_paths, unwrap_model
 
@@ -438,6 +439,9 @@ def patch_model(model: nn.Module, config: LoraPruneConfig | None = None) -> nn.M
         raise TypeError(f"config must be a LoraPruneConfig, got {type(config).__name__}")
     peft_adapter = _active_peft_adapter(model)
     model = unwrap_model(model)
+    # A family's fused matrices (Phi-3's qkv_proj) become their member projections first (a change
+    # of layout only: the model computes the same), a PEFT adapter on one becoming per-member adapters.
+    split_fused(model, peft_adapter)
     targets = {}
     for layer_index in range(len(decoder_layers(model))):
         for name, path in projection_paths(model, layer_index).items():

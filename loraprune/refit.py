@@ -15,9 +15,11 @@ pseudo-inverse where ``C[S, S]`` is singular).
 Statistics: ``x`` is the consumer's input with its producers unmasked (q/k/v rows for o_proj,
 gate/up rows for down_proj; in the masked model the removed inputs are zero, and the refit has
 nothing to fit), on the current pruned model (masks and LoRA on, dropout off). The calibration
-windows pass through the model one decoder layer at a time: layer 0's inputs are captured once,
-then each layer runs on them three times (o_proj's statistics, then down_proj's with the refit
-o_proj, then the layer's output for the next one), so a refit sees the refits before it. One
+windows pass through the model one decoder layer at a time: layer 0's inputs and every layer's other
+arguments (its attention mask and RoPE tables, which differ between layers where sliding-window and
+global layers alternate, as in Gemma) are captured once, then each layer runs three times (o_proj's
+statistics, then down_proj's with the refit o_proj, then the layer's output for the next one), so a
+refit sees the refits before it. One
 consumer's ``in×in`` statistics exist at a time, accumulated in fp32 and solved in fp64.
 
 Extra peak memory over the masked model: the calibration hidden states (``samples·seq_len·hidden``
@@ -55,20 +57,22 @@ CONSUMERS = {"o_proj": ("q_proj", "k_proj", "v_proj"), "down_proj": ("gate_proj"
 
 
 def reconstruct_options(
-    reconstruct: bool, lam: float | None, samples: int | None
+    reconstruct: bool | None, lam: float | None, samples: int | None
 ) -> tuple[float | None, int | None]:
     """The checked ``reconstruct_lambda`` and ``reconstruct_samples`` (defaults filled in when
-    ``reconstruct``; setting them without it is an error)."""
-    if not reconstruct:
+    ``reconstruct``; setting them with ``reconstruct=False`` is an error). With ``reconstruct``
+    ``None`` (automatic) an unset ``samples`` stays ``None``: the run fills it from its data."""
+    if reconstruct is False:
         for name, value in (("reconstruct_lambda", lam), ("reconstruct_samples", samples)):
             if value is not None:
                 raise ValueError(f"{name} needs reconstruct (the refit of o_proj and down_proj)")
         return None, None
     lam = DEFAULT_LAMBDA if lam is None else lam
-    samples = DEFAULT_SAMPLES if samples is None else samples
+    if reconstruct and samples is None:
+        samples = DEFAULT_SAMPLES
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"reconstruct_lambda must be a finite number >= 0, got {lam!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"reconstruct_samples must be a positive integer, got {samples!r}")
     return float(lam), samples
 
@@ -145,25 +149,42 @@ class _Collected(Exception):
     """Ends a forward once what it was run for has been collected."""
 
 
-def first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple]:
-    """``(hidden_states, args, kwargs)`` of decoder layer 0 for each batch of ``windows``."""
+def layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, last: int) -> list[list[tuple]]:
+    """``(hidden_states, args, kwargs)`` of decoder layers 0..``last`` for each batch of ``windows``:
+    per layer, one entry per batch. Each layer's own ``args``/``kwargs`` (the model may pass each
+    layer a different mask and RoPE tables); ``hidden_states`` are layer 0's only (``None`` beyond:
+    they are the outputs of the layers before, which the refit changes). The layers do not run: each
+    returns its input while the arguments are captured, and the forward stops after layer ``last``."""
     model = unwrap_model(model)
     device = model.get_input_embeddings().weight.device
-    captured: list[tuple] = []
+    layers = decoder_layers(model)
+    captured: list[list[tuple]] = [[] for _ in range(last + 1)]
 
-    def capture(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, args[1:], kwargs))
-        raise _Collected
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured[index].append((hidden if index == 0 else None, args[1:], kwargs))
+            if index == last:
+                raise _Collected
+            return hidden
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(capture, with_kwargs=True)
+        return forward
+
+    # an instance attribute shadows the class's forward (accelerate's hooks set one: kept and put back)
+    saved = [layers[index].__dict__.get("forward") for index in range(last + 1)]
+    for index in range(last + 1):
+        layers[index].forward = recorder(index)
     try:
         for start in range(0, len(windows), batch_size):
             with contextlib.suppress(_Collected):
                 model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
-        handle.remove()
+        for index, forward in enumerate(saved):
+            if forward is None:
+                del layers[index].forward
+            else:
+                layers[index].forward = forward
     return captured
 
 
@@ -250,7 +271,8 @@ def reconstruct(
     if not todo:
         return []
     with eval_mode(model):  # no dropout: the statistics are those of the model as it will run
-        inputs = first_layer_inputs(model, windows, batch_size)
+        arguments = layer_inputs(model, windows, batch_size, max(todo))
+        inputs = arguments[0]
         done = []
         for index in range(max(todo) + 1):
             layer, paths = layers[index], projection_paths(model, index)
@@ -259,8 +281,11 @@ def reconstruct(
                 producers = [model.get_submodule(paths[name]) for name in CONSUMERS[consumer]]
                 statistics = consumer_statistics(layer, module, producers, inputs)
                 done.append(refit_consumer(paths[consumer], module, statistics, lam))
-            if index < max(todo):
-                inputs = [(_hidden(layer(h, *args, **kwargs)), args, kwargs) for h, args, kwargs in inputs]
+            if index < max(todo):  # this layer's outputs, with the next layer's own arguments
+                inputs = [
+                    (_hidden(layer(h, *args, **kwargs)), *arguments[index + 1][batch][1:])
+                    for batch, (h, args, kwargs) in enumerate(inputs)
+                ]
         return done
 
 

@@ -7,9 +7,11 @@ the masks grow to the schedule's ratio, reaching the exact target at ``T − cT`
 model then keeps fine-tuning to ``T``. With ``lora_final_r`` the adapters also lose rank components on
 their own schedule (:func:`loraprune.lora_rank.rank_schedule`), reaching the final rank by ``T − cT``
 as well; the optimizer's state is narrowed with them. ``mode="oneshot"`` is LLM-Pruner's recipe instead:
-score once on calibration batches, prune to the target, then fine-tune. Options: distillation from
-the unpruned model during the fine-tuning (``distill_weight``, :mod:`loraprune.distill`), and a
-closed-form refit of o_proj and down_proj before compaction (``reconstruct``, :mod:`loraprune.refit`).
+score once on calibration batches, prune to the target, then fine-tune. Distillation from the
+unpruned model during the fine-tuning (``distill_weight``, :mod:`loraprune.distill`) and a
+closed-form refit of o_proj and down_proj before compaction (``reconstruct``, :mod:`loraprune.refit`)
+are on by default wherever they can run (``None``: decided per model and data by
+:func:`resolve_options`, with a note where one is left off).
 LoRAShear's parts (:mod:`loraprune.lorashear`): the knowledge-distribution protection before the first step
 (``protect_fraction``, :mod:`loraprune.protect`), chosen units fading out over ``fade_steps`` instead of being
 masked at once (:mod:`loraprune.fade`), and the cool-down as a staged recovery over several text sources
@@ -28,7 +30,7 @@ import resource
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,14 +42,17 @@ from tqdm.auto import tqdm
 from loraprune import lorashear
 from loraprune.config import LoraPruneConfig
 from loraprune.data import WindowSampler
-from loraprune.distill import Distiller, distill_options
+from loraprune.distill import DEFAULT_WEIGHT as DEFAULT_DISTILL_WEIGHT
+from loraprune.distill import Distiller, distill_options, teacher_problem
 from loraprune.fade import Fader, FadeSchedule
 from loraprune.lora_rank import RankSchedule, rank_schedule
 from loraprune.masks import cubic_ratio
 from loraprune.nn import lora_modules
 from loraprune.protect import Protection, heldout_loss
 from loraprune.pruner import LoraPruner
+from loraprune.refit import DEFAULT_SAMPLES as DEFAULT_REFIT_SAMPLES
 from loraprune.refit import ConsumerRefit, calibration_windows, reconstruct, reconstruct_options
+from loraprune.structures import unwrap_model
 
 MODES = ("iterative", "oneshot")
 CHECKPOINT_FORMAT = 1
@@ -141,11 +146,12 @@ class RunConfig:
     calib_batches: int = 8
     calib_seq_len: int | None = None  # oneshot: tokens of each calibration window (None: seq_len)
     save_every: int = 50
-    distill_weight: float = 0.0  # α of (1−α)·CE + α·T²·KL(teacher‖student); 0: no distillation
+    # α of (1−α)·CE + α·T²·KL(teacher‖student); 0: no distillation; None: 0.5 where a teacher exists
+    distill_weight: float | None = None
     distill_temperature: float | None = None  # T (None: 1.0 with distillation)
-    reconstruct: bool = False  # refit o_proj and down_proj before compaction
+    reconstruct: bool | None = None  # refit o_proj and down_proj before compaction; None: where it can run
     reconstruct_lambda: float | None = None  # ridge, relative to mean(diag C) (None: 0.01)
-    reconstruct_samples: int | None = None  # calibration windows of seq_len (None: 64)
+    reconstruct_samples: int | None = None  # calibration windows of seq_len (None: 64, at most the data's)
     # LoRAShear (loraprune.lorashear): each part is an option of its own
     protect_fraction: float = 0.0  # γ: the most damaging fraction of structures is never pruned (0: off)
     protect_by: str | None = None  # "layer" (default with protect_fraction) or "unit"
@@ -195,6 +201,41 @@ class RunConfig:
         return [] if self.mode == "oneshot" else list(self.schedule().prune_steps)
 
 
+def resolve_options(
+    config: RunConfig, model: nn.Module, windows: torch.Tensor
+) -> tuple[RunConfig, list[str]]:
+    """``config`` with its automatic (``None``) distillation and refit decided for ``model`` and its
+    token ``windows``, and a note for each left off; explicit settings are kept as they are."""
+    notes = []
+    weight, temperature = config.distill_weight, config.distill_temperature
+    if weight is None:
+        problem = teacher_problem(model)
+        weight = 0.0 if problem else DEFAULT_DISTILL_WEIGHT
+        if problem:
+            temperature = None
+            notes.append(f"distillation is off: {problem}")
+    refit, samples = config.reconstruct, config.reconstruct_samples
+    if refit is None:
+        devices = {str(d) for d in (getattr(unwrap_model(model), "hf_device_map", None) or {}).values()}
+        refit = len(devices) <= 1
+        if not refit:
+            notes.append(
+                "the refit of o_proj/down_proj is off: not supported over several devices (untested there)"
+            )
+        elif samples is None:
+            samples = min(DEFAULT_REFIT_SAMPLES, len(windows))
+    lam = config.reconstruct_lambda if refit else None
+    resolved = replace(
+        config,
+        distill_weight=weight,
+        distill_temperature=temperature,
+        reconstruct=refit,
+        reconstruct_lambda=lam,
+        reconstruct_samples=samples if refit else None,
+    )
+    return resolved, notes
+
+
 @dataclass
 class RunSummary:
     steps_done: int
@@ -241,11 +282,12 @@ class PruningRun:
         recovery_sources: dict[str, torch.Tensor] | None = None,
         data_name: str = "data",
     ) -> None:
-        self.prune_config, self.run_config, self.seed = prune_config, run_config, seed
         sources = recovery_sources or {}
         windows, self.heldout = lorashear.hold_out(run_config, windows, sources, data_name, seed)
         self.pruner = self.pruner_class(model, prune_config)
         self.model = self.pruner.model
+        run_config, self.notes = resolve_options(run_config, self.model, windows)
+        self.prune_config, self.run_config, self.seed = prune_config, run_config, seed
         self.device = next(self.model.parameters()).device
         self.sampler = self.main_sampler = WindowSampler(windows, run_config.batch_size, seed)
         self.amp_dtype = amp_dtype

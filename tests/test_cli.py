@@ -123,17 +123,19 @@ def test_interrupt_and_resume_reaches_the_same_model(paths, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_refit_and_distillation_give_a_loadable_model_and_report_the_refit(paths, tmp_path):
+def test_refit_and_distillation_are_on_by_default_and_reported(paths, tmp_path):
     out = tmp_path / "out"
-    extra = ["--reconstruct", "--reconstruct-samples", "4", "--distill-weight", "0.5"]
-    assert prune(paths, out, *extra) == 0
+    assert prune(paths, out) == 0
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["run_config"]["reconstruct_lambda"] == 0.01
-    assert report["run_config"]["distill_temperature"] == 1.0
+    run = report["run_config"]
+    assert (run["distill_weight"], run["distill_temperature"]) == (0.5, 1.0)
+    assert (run["reconstruct"], run["reconstruct_lambda"]) == (True, 0.01)
+    samples = run["reconstruct_samples"]  # 64, or every window of a shorter --data
+    assert 1 <= samples <= 64
     refits = report["reconstruct"]["consumers"]
     assert report["reconstruct"]["wall_time_s"] > 0
     assert {r["path"].rsplit(".", 1)[1] for r in refits} == {"o_proj", "down_proj"}
-    assert all(r["tokens"] == 4 * 32 and r["error_after"] < r["error_before"] for r in refits)
+    assert all(r["tokens"] == samples * 32 and r["error_after"] < r["error_before"] for r in refits)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
@@ -175,6 +177,15 @@ def test_lorashear_prunes_every_layer_with_protection_fade_and_staged_recovery(p
     assert set(recovery["final_heldout_loss"]) == {paths["data"], docs}
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+
+
+def test_refit_and_distillation_can_be_turned_off(paths, tmp_path):
+    out = tmp_path / "out"
+    assert prune(paths, out, "--no-reconstruct", "--distill-weight", "0") == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    run = report["run_config"]
+    assert (run["distill_weight"], run["reconstruct"], run["reconstruct_samples"]) == (0.0, False, None)
+    assert "reconstruct" not in report
 
 
 def test_resume_refuses_other_settings(paths, tmp_path, capsys):
@@ -234,8 +245,16 @@ BAD_INPUTS = {
         lambda p: ["prune", p["model"], "--data", p["data"], "--reconstruct", "--reconstruct-lambda", "-1"],
         "--reconstruct-lambda",
     ),
-    "reconstruct lambda without reconstruct": (
-        lambda p: ["prune", p["model"], "--data", p["data"], "--reconstruct-lambda", "0.1"],
+    "reconstruct lambda with the refit off": (
+        lambda p: [
+            "prune",
+            p["model"],
+            "--data",
+            p["data"],
+            "--no-reconstruct",
+            "--reconstruct-lambda",
+            "0.1",
+        ],
         "--reconstruct-lambda",
     ),
     "reconstruct samples beyond the data": (
@@ -258,8 +277,17 @@ BAD_INPUTS = {
         lambda p: ["prune", p["model"], "--data", p["data"], "--distill-weight", "1.5"],
         "--distill-weight",
     ),
-    "distill temperature without weight": (
-        lambda p: ["prune", p["model"], "--data", p["data"], "--distill-temperature", "2"],
+    "distill temperature with distillation off": (
+        lambda p: [
+            "prune",
+            p["model"],
+            "--data",
+            p["data"],
+            "--distill-weight",
+            "0",
+            "--distill-temperature",
+            "2",
+        ],
         "--distill-temperature",
     ),
     # LoRAShear's parts (loraprune.lorashear)

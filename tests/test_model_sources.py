@@ -218,8 +218,8 @@ def write_unreadable_type(path: Path) -> Path:
     return path
 
 
-# phi3: a family loraprune does not prune (a GGUF transformers reads as such is refused by name)
-@pytest.mark.parametrize("case", ["phi3 architecture", "deci architecture", "Q8_1 tensors"])
+# starcoder2: a family loraprune does not prune (a GGUF transformers reads as such is refused by name)
+@pytest.mark.parametrize("case", ["starcoder2 architecture", "deci architecture", "Q8_1 tensors"])
 def test_an_unreadable_gguf_is_refused_writing_nothing(case, tmp_path, tiny_llama_dir, calib_text, capsys):
     if case == "Q8_1 tensors":
         path, message = write_unreadable_type(tmp_path / "q8_1.gguf"), "holds Q8_1 tensors"

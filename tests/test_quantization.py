@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 import loraprune
 from loraprune import LoraPruneConfig, LoraPruneLinear, LoraPruner, ops
@@ -25,37 +25,13 @@ from loraprune.nn import lora_modules
 bitsandbytes = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 from quantized_weights import bitsandbytes_weight  # noqa: E402
+from tiny_models import aligned_model  # noqa: E402
 
 from loraprune import quantization  # noqa: E402
 from loraprune.ops import QuantizedWeight  # noqa: E402
 from loraprune.quantization import QuantizedLoraPruneLinear  # noqa: E402
 
 KINDS = ("int8", "nf4")
-
-
-def aligned_model(family: str = "llama", seed: int = 0, vocab: int = 96) -> torch.nn.Module:
-    """A random GQA model whose widths are multiples of nf4's 64-element block (as real models are)."""
-    config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[family]
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 or name.endswith("bias"):
-                param.normal_(0, 0.1)
-    return model
 
 
 def randomize(model: torch.nn.Module, seed: int = 1) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import biased_llama, random_tokens, randomize_lora, tiny_model
+from tiny_models import aligned_model, biased_llama, random_tokens, randomize_lora, tiny_model
 from transformers import AutoModelForCausalLM
 
 import loraprune  # noqa: F401  (registers the pruned classes)
@@ -129,6 +129,32 @@ def test_refit_lowers_the_consumers_output_error_on_the_calibration_data(with_bi
     assert all(r.error_after < r.error_before for r in refits)
 
 
+@pytest.mark.parametrize("name", ["gemma2-gqa-tied-softcap", "gemma3-gqa-tied"])
+def test_refit_feeds_each_layer_its_own_mask_and_rope(name):
+    """Gemma's layer 0 has a sliding window (8, under 16-token windows) and layer 1 is global (Gemma 3:
+    with another RoPE base): layer 1's refit runs on layer 1's own attention mask and RoPE tables, so
+    with λ = 0 it is the least-squares optimum on the inputs a full forward gives its o_proj."""
+    from test_families import family_model
+
+    model = family_model(name, layers=3)
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    masked_pruner(model)
+    windows = random_tokens(batch=16, length=16, seed=3)
+    prefix = "model.layers.1.self_attn."
+    x, weight, _ = _consumer_input(
+        model, prefix + "o_proj", [prefix + p for p in ("q_proj", "k_proj", "v_proj")], windows
+    )
+    reconstruct(model, windows, lam=0.0, batch_size=4)
+    consumer = model.get_submodule(prefix + "o_proj")
+    keep = consumer.in_mask
+    residual = x @ weight.T - x[:, keep] @ consumer.merged_weight().double()[:, keep].T
+    scale = ((x @ weight.T).T @ x[:, keep]).norm()
+    assert (residual.T @ x[:, keep]).norm() < 1e-4 * scale
+    assert all(
+        "forward" not in layer.__dict__ for layer in model.model.layers
+    )  # the capture's stubs are gone
+
+
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa-bias-tied", "llama-biased"])
 def test_refit_model_compacts_to_the_masked_models_logits_and_saves(name, tmp_path):
     model = biased_llama() if name == "llama-biased" else tiny_model(name, layers=3)
@@ -150,12 +176,13 @@ def test_refit_model_compacts_to_the_masked_models_logits_and_saves(name, tmp_pa
         torch.testing.assert_close(loaded(input_ids=tokens).logits, masked, rtol=1e-4, atol=1e-4)
 
 
-def test_refit_of_a_quantized_base_requantizes_the_refit_weight():
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_refit_of_a_quantized_base_requantizes_the_refit_weight(kind):
     pytest.importorskip("bitsandbytes")
-    from loraprune.quantization import QuantizedLoraPruneLinear
+    from loraprune.quantization import QuantizedLoraPruneLinear, quant_type
 
-    model = tiny_model("llama-gqa-tied", layers=3)
-    config = LoraPruneConfig(ratio=0.5, criterion="magnitude", layers=(1,), quantize_base="int8")
+    model = aligned_model()  # nf4 on the CPU needs widths in whole 64-element blocks
+    config = LoraPruneConfig(ratio=0.5, criterion="magnitude", layers=(1,), quantize_base=kind)
     pruner = LoraPruner(model, config)
     pruner.update_scores()
     pruner.prune()
@@ -164,10 +191,10 @@ def test_refit_of_a_quantized_base_requantizes_the_refit_weight():
     assert isinstance(consumer, QuantizedLoraPruneLinear)
     old_base, old_weight = consumer.base, consumer.merged_weight()
     reconstruct(model, random_tokens(batch=8, length=16, seed=3), batch_size=4)
-    assert consumer.base is not old_base and type(consumer.base) is type(old_base)
+    assert consumer.base is not old_base and quant_type(consumer.base) == kind
     refit = consumer.merged_weight()  # the re-quantized weight, dequantized
     kept = consumer.in_mask
-    assert (refit[:, kept] - old_weight[:, kept]).abs().max() > 0.05  # moved by more than int8's rounding
+    assert (refit[:, kept] - old_weight[:, kept]).abs().max() > 0.05  # moved by more than the rounding
     pruned = pruner.compact()
     torch.testing.assert_close(pruned.get_submodule(path).weight, refit[:, kept])
 

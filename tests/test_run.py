@@ -8,9 +8,9 @@ import signal
 
 import pytest
 import torch
-from tiny_models import random_tokens, tiny_model
+from tiny_models import random_tokens, randomize_lora, tiny_model
 
-from loraprune import LoraPruneConfig
+from loraprune import LoraPruneConfig, LoraPruner
 from loraprune.data import WindowSampler, read_text, windows
 from loraprune.evaluate import lm_eval_tasks, perplexity
 from loraprune.run import PruningRun, RunConfig
@@ -76,7 +76,32 @@ def test_run_reaches_the_exact_target_and_stops_scoring(tmp_path):
     assert not run.scoring
 
 
+def test_refit_and_distillation_are_decided_per_model_and_data_by_default():
+    data = random_tokens(batch=16, length=10, seed=7)
+    config = RunConfig(steps=4, batch_size=2, seq_len=10, prune_every=2)
+    run = PruningRun(tiny_model(), data, LoraPruneConfig(), config, progress=False)
+    resolved = run.run_config
+    assert (resolved.distill_weight, resolved.distill_temperature) == (0.5, 1.0) and run.distiller is not None
+    assert (resolved.reconstruct, resolved.reconstruct_lambda) == (True, 0.01)
+    assert resolved.reconstruct_samples == 16 and len(run.refit_windows) == 16  # all the data holds (< 64)
+    assert run.notes == [] and config.distill_weight is None  # the caller's config is left as it was
+    # a trained adapter taken over: the base with LoRA off is no teacher, so distillation stays off
+    model = tiny_model()
+    LoraPruner(model, LoraPruneConfig())
+    randomize_lora(model)
+    run = PruningRun(model, data, LoraPruneConfig(), config, progress=False)
+    assert run.run_config.distill_weight == 0 and run.distiller is None
+    assert [n for n in run.notes if n.startswith("distillation is off: the teacher is the frozen base")]
+    # a model placed over several devices: the refit stays off
+    model = tiny_model()
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cuda:0"}
+    run = PruningRun(model, data, LoraPruneConfig(), config, progress=False)
+    assert not run.run_config.reconstruct and run.refit_windows is None
+    assert [n for n in run.notes if n.startswith("the refit of o_proj/down_proj is off")]
+
+
 def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
+    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN in a backgrounded shell, Python's default elsewhere
     run = make_run(tmp_path)
     original = run._train_step
 
@@ -91,7 +116,7 @@ def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
     resumed = make_run(tmp_path)
     resumed.load_checkpoint()
     assert resumed.step == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
 def test_taylor_frees_weight_gradients_after_the_last_pruning_step(tmp_path):

@@ -22,6 +22,8 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -204,6 +206,7 @@ def random_model(family: str, rope: dict | None = None) -> torch.nn.Module:
     Qwen3's head_dim 32 is not hidden/heads."""
     config_cls, model_cls, extra = {
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "llama-bias": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"tie_word_embeddings": True, "hidden_size": 96}),
         "granite": (GraniteConfig, GraniteForCausalLM, GRANITE),
@@ -333,7 +336,66 @@ def test_pruned_qwen3_and_granite_give_transformers_greedy_tokens_at_f32(
     )
 
 
+def test_refit_with_compensated_biases_gives_transformers_logits(tiny_llama_dir, tmp_path):
+    """``--reconstruct`` on a LLaMA with o_proj/down_proj biases rewrites those biases: llama.cpp serves them."""
+    from loraprune import LoraPruneConfig, LoraPruner
+    from loraprune.refit import reconstruct
+
+    model = random_model("llama-bias")
+    pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5, criterion="magnitude", layers=(0, 1)))
+    pruner.update_scores()
+    pruner.prune()
+    model.eval()
+    original = model.model.layers[0].mlp.down_proj.bias.detach().clone()
+    windows = torch.randint(3, 8192, (8, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reconstruct(model, windows, batch_size=4)
+    model = pruner.compact().eval()
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.bias, original)  # compensated
+    model, path = saved_pruned_and_exported(model, tiny_llama_dir, tmp_path)
+    llm = engine(path)
+    tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    error = served_logit_error(llm, model, tokens)
+    assert error < 1e-4, error
+
+
 def gguf_architecture(path: Path) -> str:
     import gguf
 
     return gguf.GGUFReader(path).fields["general.architecture"].contents()
+
+
+def test_pruned_phi3_gives_transformers_greedy_tokens_through_deci_at_f32(tiny_llama_dir, tmp_path):
+    """Phi-3 / Phi-4: fused qkv_proj and gate_up_proj, exported split into deci's separate tensors with
+    each layer's own counts (default RoPE over whole heads, as in Phi-3-mini 4k and Phi-4)."""
+    config = Phi3Config(
+        vocab_size=8192,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.1)
+    model = pruned_by_magnitude(model, 0.5, layers=(0, 1))  # layer 2 stays whole
+    assert type(model.model.layers[0].self_attn.qkv_proj) is torch.nn.Linear  # fused again
+    model, path = saved_pruned_and_exported(model, tiny_llama_dir, tmp_path)
+    assert gguf_architecture(path) == "deci"
+    llm = engine(path)
+    tokens = torch.randint(3, 8192, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    error = served_logit_error(llm, model, tokens)
+    print(f"phi3 (deci): llama.cpp f32 vs transformers fp32, max relative logit difference {error:.3g}")
+    assert error < 1e-4, error
+    prompt = tokens[:20]
+    assert llama_cpp_greedy(llm, prompt, NEW_TOKENS, None) == transformers_greedy(
+        model, prompt, NEW_TOKENS, None
+    )

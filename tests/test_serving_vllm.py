@@ -187,12 +187,26 @@ def test_fixture_models_give_transformers_greedy_tokens(fixture, ratio, gqa_unit
     assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
 
 
+# Gemma: a window of 8 (shorter than prompt and continuation), scores scaled by 24 ** -0.5 (not head_dim's)
+GEMMA = {"hidden_size": 96, "sliding_window": 8, "query_pre_attn_scalar": 24}
+# soft-caps that bend scores and logits of this size (Gemma 2's own: 50 and 30)
+GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 10.0, "final_logit_softcapping": 5.0}
+GEMMA3_LAYER_TYPES = {"layer_types": ["sliding_attention", "full_attention"] * 2}
+# NoPE in every second layer; SmolLM3's own special-token ids lie outside the vocabulary
+SMOLLM3 = {"no_rope_layer_interval": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
 def random_family_model(family: str, out: Path) -> Path:
     """A small random model pruned at 50%, GQA, head size 32 (one the CPU backend has): Mistral, Qwen2
     (q/k/v biases) and Qwen3 (q/k norms, head_dim 32 != hidden/heads; tied or untied, with biases),
-    whose vLLM classes differ from LLaMA's, and Granite (its multipliers, folded at compaction:
-    served as LLaMA)."""
+    whose vLLM classes differ from LLaMA's, Granite (its multipliers, folded at compaction: served
+    as LLaMA), Gemma 2 and Gemma 3 (a window shorter than the prompts, query_pre_attn_scalar, Gemma 2's
+    soft-caps; head_dim 32 != hidden/heads) and SmolLM3 (NoPE in every second layer)."""
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GraniteConfig,
         GraniteForCausalLM,
         MistralConfig,
@@ -201,6 +215,8 @@ def random_family_model(family: str, out: Path) -> Path:
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
     )
 
     config_cls, model_cls, extra = {
@@ -218,6 +234,24 @@ def random_family_model(family: str, out: Path) -> Path:
                 "residual_multiplier": 0.22,
                 "logits_scaling": 8.0,
             },
+        ),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, GEMMA | GEMMA2_SOFTCAPS | {"tie_word_embeddings": True}),
+        "gemma2-untied-bias": (Gemma2Config, Gemma2ForCausalLM, GEMMA | {"attention_bias": True}),
+        "gemma3": (
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            GEMMA | GEMMA3_LAYER_TYPES | {"tie_word_embeddings": True},
+        ),
+        "gemma3-untied-bias": (
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            GEMMA | GEMMA3_LAYER_TYPES | {"attention_bias": True},
+        ),
+        "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, SMOLLM3 | {"tie_word_embeddings": True}),
+        "smollm3-untied-bias": (
+            SmolLM3Config,
+            SmolLM3ForCausalLM,
+            SMOLLM3 | {"attention_bias": True, "mlp_bias": True},
         ),
     }[family]
     config = config_cls(
@@ -267,6 +301,30 @@ def test_pruned_granite_and_qwen3_give_transformers_greedy_tokens(family, archit
     assert json.loads((model_dir / "config.json").read_text())["architectures"] == [architecture]
     prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
     assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [
+        ("gemma2", "PrunedGemma2ForCausalLM"),
+        ("gemma2-untied-bias", "PrunedGemma2ForCausalLM"),
+        ("gemma3", "PrunedGemma3ForCausalLM"),
+        ("gemma3-untied-bias", "PrunedGemma3ForCausalLM"),
+        ("smollm3", "PrunedSmolLM3ForCausalLM"),
+        ("smollm3-untied-bias", "PrunedSmolLM3ForCausalLM"),
+    ],
+)
+def test_pruned_gemma_and_smollm3_give_transformers_greedy_tokens(family, architecture, tmp_path):
+    """12-token prompts and 32 new tokens: past the window of 8 in prefill and in decoding."""
+    from vllm.model_executor.models import gemma2, gemma3
+
+    model_dir = random_family_model(family, tmp_path / family)
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == [architecture]
+    prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))
+    # the pruned Gemma models bind vLLM's decoder-layer class to theirs for their constructor only
+    assert gemma2.Gemma2DecoderLayer.__module__ == gemma2.__name__
+    assert gemma3.Gemma3DecoderLayer.__module__ == gemma3.__name__
 
 
 def test_qwen3_with_attention_bias_is_refused_naming_the_reason(tmp_path):
@@ -322,3 +380,71 @@ def test_default_multiprocess_engine_finds_the_plugin(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("SERVED=")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     assert_same_greedy(reference_greedy(model_dir, prompts), json.loads(lines[0].removeprefix("SERVED=")))
+
+
+def random_phi3_olmo_model(family: str, out: Path) -> Path:
+    """A small random Phi-3 (fused qkv_proj/gate_up_proj), OLMo 2 (q/k norms over the whole width,
+    rewritten at compaction; attention biases) or OLMo 3 (OLMo 2's layer with a sliding window of 8 in
+    layers 0-2) pruned at 50%, GQA, head size 32."""
+    from transformers import (
+        Olmo2Config,
+        Olmo2ForCausalLM,
+        Olmo3Config,
+        Olmo3ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
+
+    config_cls, model_cls, extra = {
+        "phi3": (Phi3Config, Phi3ForCausalLM, {}),
+        "phi3-tied": (Phi3Config, Phi3ForCausalLM, {"tie_word_embeddings": True}),
+        "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"attention_bias": True}),
+        "olmo3": (Olmo3Config, Olmo3ForCausalLM, {"sliding_window": 8, "tie_word_embeddings": True}),
+    }[family]
+    config = config_cls(
+        **{
+            "vocab_size": 512,
+            "hidden_size": 128,
+            "intermediate_size": 192,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            **extra,
+        }
+    )
+    torch.manual_seed(0)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 or name.endswith("bias"):
+                param.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.2)
+    shapes = prune(model, 0.5, "kv_group", out)
+    assert len(set(shapes)) > 1
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [
+        ("phi3", "PrunedPhi3ForCausalLM"),
+        ("phi3-tied", "PrunedPhi3ForCausalLM"),
+        ("olmo2", "PrunedOlmo2ForCausalLM"),
+        ("olmo3", "PrunedOlmo3ForCausalLM"),
+    ],
+)
+def test_pruned_phi3_and_olmo_give_transformers_greedy_tokens(family, architecture, tmp_path):
+    model_dir = random_phi3_olmo_model(family, tmp_path / family)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    if family.startswith("olmo"):  # per-layer q/k norm eps, rewritten at compaction
+        assert len({json.dumps(e["norm_eps"]) for e in config["pruned_layers"]}) > 1
+    prompts = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    assert_same_greedy(reference_greedy(model_dir, prompts), vllm_greedy(model_dir, prompts))

@@ -60,6 +60,8 @@ def pruning_run(model, prune: LoraPruneConfig, grad_accum: int = 1) -> PruningRu
         seq_len=SEQ,
         lr=LR,
         max_grad_norm=CLIP,
+        distill_weight=0.0,  # PruningRun's own options, which the callback does not have
+        reconstruct=False,
         **SCHEDULE,
     )
     run = PruningRun(model, DATA, prune, run_config, progress=False)

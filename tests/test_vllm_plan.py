@@ -55,6 +55,12 @@ def test_architectures_are_the_ones_compact_writes():
         "PrunedMistralForCausalLM",
         "PrunedQwen2ForCausalLM",
         "PrunedQwen3ForCausalLM",
+        "PrunedGemma2ForCausalLM",
+        "PrunedGemma3ForCausalLM",
+        "PrunedSmolLM3ForCausalLM",
+        "PrunedPhi3ForCausalLM",
+        "PrunedOlmo2ForCausalLM",
+        "PrunedOlmo3ForCausalLM",
     )
 
 

@@ -63,6 +63,25 @@ def randomize_weights(model: torch.nn.Module, std: float = 0.2) -> None:
                 param.normal_(1, std)
 
 
+def aligned_model(family: str = "llama", seed: int = 0, vocab: int = 96) -> torch.nn.Module:
+    """A random GQA model whose widths are multiples of nf4's 64-element block (as real models are)."""
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    randomize_weights(model, std=0.1)
+    return model
+
+
 def randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
     """Non-zero B (and fresh A) so that merges and LoRA paths are exercised."""
     from loraprune.nn import lora_modules

@@ -96,6 +96,7 @@ def export_gguf(
     gguf = _import_gguf()
     from loraprune.export.openelm import openelm_tensors
     from loraprune.families import family
+    from loraprune.fused import split_fused
     from loraprune.io import check_model_dir, load_model
     from loraprune.structures import decoder_layers, head_dim, layer_shape
 
@@ -111,6 +112,7 @@ def export_gguf(
     written = outtype if outtype in OUTTYPES else _FULL_PRECISION[_saved_dtype(config)]
 
     model = load_model(path, dtype=_saved_dtype(config)).eval()
+    split_fused(model)  # a family's fused matrices (Phi-3's qkv_proj) as the separate tensors deci reads
     layers = range(len(decoder_layers(model)))
     shapes = [layer_shape(model, i) for i in layers]
     dim = head_dim(model)

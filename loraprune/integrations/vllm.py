@@ -3,8 +3,8 @@
 vLLM calls :func:`register` in each of its processes through the ``vllm.general_plugins`` entry
 point (installed with ``pip install loraprune[vllm]``). It registers the ``Pruned*ForCausalLM``
 architectures that loraprune writes into ``config.json``, each with the vLLM model its family
-names (:mod:`loraprune.families`; the classes live in :mod:`loraprune.integrations.vllm_models`,
-which vLLM imports only when it builds such a model).
+names (:mod:`loraprune.families`; the classes live in :mod:`loraprune.integrations.vllm_models`
+or in the family's folder, modules vLLM imports only when it builds such a model).
 This module itself does not import vLLM at import time.
 """
 
