@@ -333,8 +333,6 @@ def _device_map(args: argparse.Namespace, data_parallel, source) -> str | dict |
         return None
     if data_parallel is not None:
         raise CliError("--device-map: one process over several devices cannot also run under torchrun")
-    if args.reconstruct:
-        raise CliError("--reconstruct: the refit is not supported with --device-map (untested there)")
     if source.kind == "gguf":
         raise CliError(
             "--device-map: a GGUF MODEL is dequantized in this process's memory, not dispatched from "

@@ -215,15 +215,16 @@ def resolve_options(
             temperature = None
             notes.append(f"distillation is off: {problem}")
     refit, samples = config.reconstruct, config.reconstruct_samples
-    if refit is None:
-        devices = {str(d) for d in (getattr(unwrap_model(model), "hf_device_map", None) or {}).values()}
-        refit = len(devices) <= 1
-        if not refit:
-            notes.append(
-                "the refit of o_proj/down_proj is off: not supported over several devices (untested there)"
-            )
-        elif samples is None:
-            samples = min(DEFAULT_REFIT_SAMPLES, len(windows))
+    devices = {str(d) for d in (getattr(unwrap_model(model), "hf_device_map", None) or {}).values()}
+    if refit is not False and len(devices) > 1:  # one rule for the explicit and the automatic refit
+        unsupported = "the refit of o_proj/down_proj is not supported over several devices (untested there)"
+        if refit or samples is not None:
+            raise ValueError(f"reconstruct: {unsupported}; the model is placed on {sorted(devices)}")
+        refit = False
+        notes.append(f"the refit is off: {unsupported}")
+    elif refit is None:
+        refit = True
+        samples = min(DEFAULT_REFIT_SAMPLES, len(windows)) if samples is None else samples
     lam = config.reconstruct_lambda if refit else None
     resolved = replace(
         config,

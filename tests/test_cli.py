@@ -269,10 +269,6 @@ BAD_INPUTS = {
         ],
         "--reconstruct-samples",
     ),
-    "reconstruct with a device map": (
-        lambda p: ["prune", p["model"], "--data", p["data"], "--reconstruct", "--device-map", "auto"],
-        "--reconstruct",
-    ),
     "distill weight above 1": (
         lambda p: ["prune", p["model"], "--data", p["data"], "--distill-weight", "1.5"],
         "--distill-weight",

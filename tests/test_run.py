@@ -92,12 +92,19 @@ def test_refit_and_distillation_are_decided_per_model_and_data_by_default():
     run = PruningRun(model, data, LoraPruneConfig(), config, progress=False)
     assert run.run_config.distill_weight == 0 and run.distiller is None
     assert [n for n in run.notes if n.startswith("distillation is off: the teacher is the frozen base")]
-    # a model placed over several devices: the refit stays off
-    model = tiny_model()
-    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cuda:0"}
-    run = PruningRun(model, data, LoraPruneConfig(), config, progress=False)
+
+    # a model placed over several devices: the refit stays off, and asking for it is an error
+    def placed_model():
+        model = tiny_model()
+        model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cuda:0"}
+        return model
+
+    run = PruningRun(placed_model(), data, LoraPruneConfig(), config, progress=False)
     assert not run.run_config.reconstruct and run.refit_windows is None
-    assert [n for n in run.notes if n.startswith("the refit of o_proj/down_proj is off")]
+    assert [n for n in run.notes if n.startswith("the refit is off: the refit of o_proj/down_proj is not")]
+    for asked in (RunConfig(steps=20, reconstruct=True), RunConfig(steps=20, reconstruct_samples=8)):
+        with pytest.raises(ValueError, match=r"^reconstruct: .* several devices"):
+            PruningRun(placed_model(), data, LoraPruneConfig(), asked, progress=False)
 
 
 def test_first_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
