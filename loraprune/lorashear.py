@@ -42,6 +42,7 @@ unless its flag asks. Each part is also an option of :class:`~loraprune.run.RunC
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -151,12 +152,25 @@ def protect(
 ) -> Protection:
     """The knowledge-distribution analysis on ``heldout`` (``agree``: the first process's result under data
     parallel), its protected units checked against the pruner's ratio and handed to the pruner."""
+    started = time.perf_counter()
     base, increases = agree(
         knowledge_distribution(pruner, heldout, config.protect_by, config.batch_size, amp_dtype, progress)
     )
     groups, fraction = pruner.groups, config.protect_fraction
     protected, exempt = choose_protected(groups, increases, fraction, config.protect_by)
-    protection = Protection(fraction, config.protect_by, len(heldout), base, increases, protected, exempt)
+    passes = 1 + sum(len(values) for values in increases)
+    protection = Protection(
+        fraction,
+        config.protect_by,
+        len(heldout),
+        base,
+        increases,
+        protected,
+        exempt,
+        passes=passes,
+        tokens=passes * heldout.numel(),
+        wall_time_s=time.perf_counter() - started,
+    )
     masks = protection.masks(groups)
     check_reachable(groups, masks, exempt, pruner.config.ratio, pruner.config.ranking, fraction)
     pruner.protect(masks, exempt)

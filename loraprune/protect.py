@@ -96,6 +96,11 @@ class Protection:
     increases: list[list[float]]  # per group: the loss increase of removing it whole, or per unit
     protected: list[list[int]]  # per group: protected unit indices
     exempt: list[bool]  # per group: left whole (protect_by "layer")
+    # the analysis' cost, beside the run's training tokens: held-out forward passes (the unpruned model's
+    # included), the tokens they scored, and their wall time
+    passes: int = 0
+    tokens: int = 0
+    wall_time_s: float = 0.0
 
     def masks(self, groups) -> list[torch.Tensor]:
         masks = []

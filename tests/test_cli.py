@@ -156,6 +156,8 @@ def test_lorashear_prunes_every_layer_with_protection_fade_and_staged_recovery(p
         2,
     )
     protect = report["protect"]
+    # the analysis' cost: the unpruned pass and one per group (12: 6 layers × attention, MLP), 2 windows each
+    assert (protect["passes"], protect["tokens"]) == (13, 13 * 2 * 32) and protect["wall_time_s"] > 0
     protected = [g["group"] for g in protect["groups"] if g["exempt"]]
     assert all(g["protected_units"] == [] for g in protect["groups"])
     assert len(protected) == 2 and {p.rsplit(".", 1)[1] for p in protected} == {"attention", "mlp"}

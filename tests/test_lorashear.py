@@ -591,4 +591,5 @@ def test_resume_mid_fade_and_mid_recovery_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(whole.pruner.keep, again.pruner.keep, strict=True))
     one, two = whole.method_report(), again.method_report()
+    assert one["protect"].pop("wall_time_s") > 0 and two["protect"].pop("wall_time_s") > 0  # measured
     assert one == two and one["recovery"]["final_heldout_loss"] is not None
