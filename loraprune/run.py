@@ -7,11 +7,11 @@ the masks grow to the schedule's ratio, reaching the exact target at ``T − cT`
 model then keeps fine-tuning to ``T``. With ``lora_final_r`` the adapters also lose rank components on
 their own schedule (:func:`loraprune.lora_rank.rank_schedule`), reaching the final rank by ``T − cT``
 as well; the optimizer's state is narrowed with them. ``mode="oneshot"`` is LLM-Pruner's recipe instead:
-score once on calibration batches, prune to the target, then fine-tune. Distillation from the
-unpruned model during the fine-tuning (``distill_weight``, :mod:`loraprune.distill`) and a
-closed-form refit of o_proj and down_proj before compaction (``reconstruct``, :mod:`loraprune.refit`)
-are on by default wherever they can run (``None``: decided per model and data by
-:func:`resolve_options`, with a note where one is left off).
+score once on calibration batches, prune to the target, then fine-tune. A closed-form refit of
+o_proj and down_proj before compaction (``reconstruct``, :mod:`loraprune.refit`) is on by default
+wherever it can run (``None``: decided per model and data by :func:`resolve_options`, with a note where
+it is left off); distillation from the unpruned model during the fine-tuning (``distill_weight``,
+:mod:`loraprune.distill`) is an option.
 LoRAShear's parts (:mod:`loraprune.lorashear`): the knowledge-distribution protection before the first step
 (``protect_fraction``, :mod:`loraprune.protect`), chosen units fading out over ``fade_steps`` instead of being
 masked at once (:mod:`loraprune.fade`), and the cool-down as a staged recovery over several text sources
@@ -42,8 +42,7 @@ from tqdm.auto import tqdm
 from loraprune import lorashear
 from loraprune.config import LoraPruneConfig
 from loraprune.data import WindowSampler
-from loraprune.distill import DEFAULT_WEIGHT as DEFAULT_DISTILL_WEIGHT
-from loraprune.distill import Distiller, distill_options, teacher_problem
+from loraprune.distill import Distiller, distill_options
 from loraprune.fade import Fader, FadeSchedule
 from loraprune.lora_rank import RankSchedule, rank_schedule
 from loraprune.masks import cubic_ratio
@@ -146,8 +145,9 @@ class RunConfig:
     calib_batches: int = 8
     calib_seq_len: int | None = None  # oneshot: tokens of each calibration window (None: seq_len)
     save_every: int = 50
-    # α of (1−α)·CE + α·T²·KL(teacher‖student); 0: no distillation; None: 0.5 where a teacher exists
-    distill_weight: float | None = None
+    # α of (1−α)·CE + α·T²·KL(teacher‖student); 0: no distillation (the default: no gain in the
+    # real-model study, at one more forward a step; README)
+    distill_weight: float = 0.0
     distill_temperature: float | None = None  # T (None: 1.0 with distillation)
     reconstruct: bool | None = None  # refit o_proj and down_proj before compaction; None: where it can run
     reconstruct_lambda: float | None = None  # ridge, relative to mean(diag C) (None: 0.01)
@@ -204,16 +204,9 @@ class RunConfig:
 def resolve_options(
     config: RunConfig, model: nn.Module, windows: torch.Tensor
 ) -> tuple[RunConfig, list[str]]:
-    """``config`` with its automatic (``None``) distillation and refit decided for ``model`` and its
-    token ``windows``, and a note for each left off; explicit settings are kept as they are."""
+    """``config`` with its automatic (``None``) refit decided for ``model`` and its token ``windows``,
+    and a note where it is left off; an explicit setting is kept as it is."""
     notes = []
-    weight, temperature = config.distill_weight, config.distill_temperature
-    if weight is None:
-        problem = teacher_problem(model)
-        weight = 0.0 if problem else DEFAULT_DISTILL_WEIGHT
-        if problem:
-            temperature = None
-            notes.append(f"distillation is off: {problem}")
     refit, samples = config.reconstruct, config.reconstruct_samples
     devices = {str(d) for d in (getattr(unwrap_model(model), "hf_device_map", None) or {}).values()}
     if refit is not False and len(devices) > 1:  # one rule for the explicit and the automatic refit
@@ -228,8 +221,6 @@ def resolve_options(
     lam = config.reconstruct_lambda if refit else None
     resolved = replace(
         config,
-        distill_weight=weight,
-        distill_temperature=temperature,
         reconstruct=refit,
         reconstruct_lambda=lam,
         reconstruct_samples=samples if refit else None,

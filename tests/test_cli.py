@@ -123,12 +123,12 @@ def test_interrupt_and_resume_reaches_the_same_model(paths, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_refit_and_distillation_are_on_by_default_and_reported(paths, tmp_path):
+def test_the_refit_is_on_by_default_and_reported_and_distillation_off(paths, tmp_path):
     out = tmp_path / "out"
     assert prune(paths, out) == 0
     report = json.loads((out / "prune_report.json").read_text())
     run = report["run_config"]
-    assert (run["distill_weight"], run["distill_temperature"]) == (0.5, 1.0)
+    assert (run["distill_weight"], run["distill_temperature"]) == (0.0, None)
     assert (run["reconstruct"], run["reconstruct_lambda"]) == (True, 0.01)
     samples = run["reconstruct_samples"]  # 64, or every window of a shorter --data
     assert 1 <= samples <= 64

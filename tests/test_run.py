@@ -8,9 +8,9 @@ import signal
 
 import pytest
 import torch
-from tiny_models import random_tokens, randomize_lora, tiny_model
+from tiny_models import random_tokens, tiny_model
 
-from loraprune import LoraPruneConfig, LoraPruner
+from loraprune import LoraPruneConfig
 from loraprune.data import WindowSampler, read_text, windows
 from loraprune.evaluate import lm_eval_tasks, perplexity
 from loraprune.run import PruningRun, RunConfig
@@ -76,22 +76,15 @@ def test_run_reaches_the_exact_target_and_stops_scoring(tmp_path):
     assert not run.scoring
 
 
-def test_refit_and_distillation_are_decided_per_model_and_data_by_default():
+def test_the_refit_is_decided_per_model_and_data_by_default_and_distillation_is_off():
     data = random_tokens(batch=16, length=10, seed=7)
     config = RunConfig(steps=4, batch_size=2, seq_len=10, prune_every=2)
     run = PruningRun(tiny_model(), data, LoraPruneConfig(), config, progress=False)
     resolved = run.run_config
-    assert (resolved.distill_weight, resolved.distill_temperature) == (0.5, 1.0) and run.distiller is not None
+    assert (resolved.distill_weight, resolved.distill_temperature) == (0.0, None) and run.distiller is None
     assert (resolved.reconstruct, resolved.reconstruct_lambda) == (True, 0.01)
     assert resolved.reconstruct_samples == 16 and len(run.refit_windows) == 16  # all the data holds (< 64)
-    assert run.notes == [] and config.distill_weight is None  # the caller's config is left as it was
-    # a trained adapter taken over: the base with LoRA off is no teacher, so distillation stays off
-    model = tiny_model()
-    LoraPruner(model, LoraPruneConfig())
-    randomize_lora(model)
-    run = PruningRun(model, data, LoraPruneConfig(), config, progress=False)
-    assert run.run_config.distill_weight == 0 and run.distiller is None
-    assert [n for n in run.notes if n.startswith("distillation is off: the teacher is the frozen base")]
+    assert run.notes == [] and config.reconstruct is None  # the caller's config is left as it was
 
     # a model placed over several devices: the refit stays off, and asking for it is an error
     def placed_model():

@@ -60,8 +60,7 @@ def pruning_run(model, prune: LoraPruneConfig, grad_accum: int = 1) -> PruningRu
         seq_len=SEQ,
         lr=LR,
         max_grad_norm=CLIP,
-        distill_weight=0.0,  # PruningRun's own options, which the callback does not have
-        reconstruct=False,
+        reconstruct=False,  # PruningRun's own refit, which the callback does not have
         **SCHEDULE,
     )
     run = PruningRun(model, DATA, prune, run_config, progress=False)
