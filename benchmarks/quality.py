@@ -19,18 +19,19 @@ schedule, ratio and seed change. Methods (``--methods``):
 - ``taylor-long-cooldown``: ``taylor`` with a 5% warm-up and a 50% cool-down.
 - ``taylor-refit``, ``taylor-distill``, ``taylor-refit-distill``: ``taylor`` with ``--reconstruct``
   (closed-form refit of o_proj/down_proj before compaction), ``--distill-weight 0.5`` (KL to the
-  unpruned model while fine-tuning), and both (issue #24). Both are the package's defaults since
-  this study: ``taylor-refit-distill`` is loraprune's default settings; every other method passes
-  ``--no-reconstruct --distill-weight 0`` (LoRAPrune, LLM-Pruner and Torch-Pruning have neither).
-  ``lora-refit-distill``: the paper's LoRA criterion with both.
+  unpruned model while fine-tuning), and both (issue #24). Since this study the refit is on by
+  default and distillation off: ``taylor-refit`` is loraprune's default settings; every other method
+  passes ``--no-reconstruct --distill-weight 0`` before its own flags (LoRAPrune, LLM-Pruner and
+  Torch-Pruning have neither). ``lora-refit``: the paper's LoRA criterion with the refit.
 - ``lorashear``, ``default-protect``, ``default-fade``: LoRAShear (issue #25) on the package's default
-  settings (``taylor-refit-distill``): ``--method lorashear`` (every layer pruned, the most damaging 10%
-  of each kind's layer groups protected by their held-out loss increase, each chosen unit's base faded
-  out over ``--prune-every`` steps); its protection alone, in place of LoRAPrune's fixed skip of the
-  first and last layers (``--layers all --protect-fraction 0.1``); its fade alone (``--fade-steps`` =
-  the budget's ``--prune-every``). The pairs have one calibration text, so LoRAShear's staged recovery
-  over several sources (``--recovery-data``) is not part of the study: its cool-down is the same
-  fine-tuning as the others'.
+  settings (``taylor-refit``): ``--method lorashear`` (every layer pruned, the most damaging 10% of each
+  kind's layer groups protected by their held-out loss increase, each chosen unit's base faded out over
+  ``--prune-every`` steps); its protection alone, in place of LoRAPrune's fixed skip of the first and
+  last layers (``--layers all --protect-fraction 0.1``); its fade alone (``--fade-steps`` = the budget's
+  ``--prune-every``). ``lorashear-distill``: ``lorashear`` with distillation too (compare with
+  ``taylor-refit-distill``). The pairs have one calibration text, so LoRAShear's staged recovery over
+  several sources (``--recovery-data``) is not part of the study: its cool-down is the same fine-tuning
+  as the others'.
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
   its ``GroupTaylorImportance`` (one batch of 10 calibration samples of 128 tokens) or
   ``GroupMagnitudeImportance`` prunes the same layers one-shot to loraprune's parameter count at
@@ -85,8 +86,8 @@ from benchmarks.harness import DEFAULT_RESULTS_DIR, REPO_ROOT, Recorder, Result,
 from benchmarks.torch_pruning_baseline import INSTALL as TORCH_PRUNING_INSTALL
 from benchmarks.torch_pruning_baseline import REPORT_NAME as TORCH_PRUNING_REPORT
 
-# every method runs without the refit and distillation unless its name says so (the package's defaults
-# turn both on since the study below: ``taylor-refit-distill`` is loraprune's default settings)
+# every method runs without the refit and distillation unless its name says so (the package refits by
+# default since the study below: ``taylor-refit`` is loraprune's default settings)
 WITHOUT = ("--no-reconstruct", "--distill-weight", "0")
 REFIT = ("--reconstruct",)
 DISTILL = ("--distill-weight", "0.5")
@@ -110,10 +111,11 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "taylor-refit": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
     "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
     "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
-    "lora-refit-distill": ("lora", "iterative", (*REFIT, *DISTILL)),  # the paper's criterion with both
+    "lora-refit": ("lora", "iterative", REFIT),  # the paper's criterion with the refit
     # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned), then each of
     # its parts alone, all on the package's defaults (default-fade's --fade-steps: the budget's --prune-every)
-    "lorashear": (
+    "lorashear": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, "--method", "lorashear")),
+    "lorashear-distill": (
         "taylor",
         "iterative",
         ("--taylor-impl", "fused", *REFIT, *DISTILL, "--method", "lorashear"),
@@ -121,9 +123,9 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "default-protect": (
         "taylor",
         "iterative",
-        ("--taylor-impl", "fused", *REFIT, *DISTILL, "--layers", "all", "--protect-fraction", "0.1"),
+        ("--taylor-impl", "fused", *REFIT, "--layers", "all", "--protect-fraction", "0.1"),
     ),
-    "default-fade": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
+    "default-fade": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
     # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
     "tp-taylor": ("lora", "iterative", ()),
     "tp-magnitude": ("lora", "iterative", ()),
