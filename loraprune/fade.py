@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraprune.masks import cubic_ratio_between
+from loraprune.masks import cubic_ratio_between, pruning_steps
 from loraprune.nn import LoraPruneLinear
 from loraprune.quantization import QuantizedLoraPruneLinear
 
@@ -115,10 +115,7 @@ class FadeSchedule:
     @functools.cached_property
     def prune_steps(self) -> tuple[int, ...]:
         """Optimizer steps after which units are chosen (and start fading)."""
-        last, start = self.end - self.fade_steps, self.warmup * self.steps
-        return tuple(
-            sorted({t for t in range(self.prune_every, last, self.prune_every) if t > start} | {last})
-        )
+        return pruning_steps(self.prune_every, self.warmup * self.steps, self.end - self.fade_steps)
 
     def scoring(self, steps_done: int) -> bool:
         """Whether the optimizer step after ``steps_done`` steps scores importance (until the last choice)."""

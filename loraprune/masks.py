@@ -93,6 +93,12 @@ def global_prune_counts(
     ]
 
 
+def pruning_steps(prune_every: int, start: float, last: int) -> tuple[int, ...]:
+    """The optimizer steps after which masks grow: every ``prune_every`` steps past ``start`` (the
+    warm-up), and ``last``, the step that reaches the target."""
+    return tuple(sorted({t for t in range(prune_every, last, prune_every) if t > start} | {last}))
+
+
 def cubic_ratio(
     step: int,
     total_steps: int,

@@ -45,7 +45,7 @@ from loraprune.data import WindowSampler
 from loraprune.distill import Distiller, distill_options
 from loraprune.fade import Fader, FadeSchedule
 from loraprune.lora_rank import RankSchedule, rank_schedule
-from loraprune.masks import cubic_ratio
+from loraprune.masks import cubic_ratio, pruning_steps
 from loraprune.nn import lora_modules
 from loraprune.protect import Protection, heldout_loss
 from loraprune.pruner import LoraPruner
@@ -99,8 +99,7 @@ class PruneSchedule:
         """Optimizer steps after which masks grow: every ``prune_every`` steps past the warm-up,
         and the first step of the cool-down, which reaches the target."""
         end = max(1, math.ceil(self.steps - self.cooldown * self.steps))
-        start = self.warmup * self.steps
-        return tuple(sorted({t for t in range(self.prune_every, end, self.prune_every) if t > start} | {end}))
+        return pruning_steps(self.prune_every, self.warmup * self.steps, end)
 
     @property
     def end(self) -> int:
