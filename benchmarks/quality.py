@@ -112,6 +112,8 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
     "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
     "lora-refit": ("lora", "iterative", REFIT),  # the paper's criterion with the refit
+    # the refit-aware selection (SliceGPT's removal cost from o_proj/down_proj input moments) before the refit
+    "reconstruction-refit": ("reconstruction", "iterative", REFIT),
     # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned), then each of
     # its parts alone, all on the package's defaults (default-fade's --fade-steps: the budget's --prune-every)
     "lorashear": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, "--method", "lorashear")),

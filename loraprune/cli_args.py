@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="taylor",
         choices=list(CRITERIA),
         help="importance: lora (LoRAPrune estimate), taylor (first-order Taylor of the weights), act "
-        "(first-order Taylor of heads/channels from activations), magnitude, random",
+        "(first-order Taylor of heads/channels from activations), magnitude, reconstruction (the o_proj/down_proj "
+        "output error the closed-form refit cannot undo), random",
     )
     prune.add_argument(
         "--taylor-impl",

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CRITERIA = ("lora", "taylor", "act", "magnitude", "random")
+CRITERIA = ("lora", "taylor", "act", "magnitude", "reconstruction", "random")
 TAYLOR_IMPLS = ("fused", "materialized")
 # Criteria whose element importance has a squared form (``act``: its Fisher form).
 SQUARED_CRITERIA = ("lora", "taylor", "act")
@@ -27,8 +27,9 @@ class LoraPruneConfig:
         criterion: importance criterion: ``lora`` (LoRAPrune: from LoRA factors and their
             gradients), ``taylor`` (LLM-Pruner first order, element-wise ``|∂L/∂W ⊙ W'|``),
             ``act`` (structure-level first-order Taylor from the o_proj / down_proj inputs and
-            their gradients, in loss units), ``magnitude`` (L2 of the merged weights) or
-            ``random`` (seeded). See :mod:`loraprune.importance`.
+            their gradients, in loss units), ``magnitude`` (L2 of the merged weights), ``reconstruction``
+            (the o_proj / down_proj output error the closed-form refit cannot undo, from their input
+            moments) or ``random`` (seeded). See :mod:`loraprune.importance`.
         taylor_impl: how ``taylor`` is computed: ``fused`` (from each layer's input and output
             gradient during the backward, no weight gradient; the default) or ``materialized``
             (from the frozen weights' real gradients, one out×in gradient per matrix). ``None``

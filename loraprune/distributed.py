@@ -84,6 +84,10 @@ class DistributedPruner(LoraPruner):
             # Each rank's gradient is that of its own mean loss, N times the global mean's share:
             # dividing by N (N² for the squared per-sequence form) gives the global batch's figure.
             dist.all_reduce(capture.buffer)
+            if capture.criterion == "reconstruction":  # sums over every rank's tokens, divided by their count
+                dist.all_reduce(capture.sums)
+                dist.all_reduce(capture.tokens)
+                continue
             scale = world**2 if capture.criterion == "act" and capture.squared else world
             capture.buffer.div_(scale)
         super().update_scores()

@@ -108,6 +108,7 @@ class LoraPruner:
             raise RuntimeError(
                 "no importance scores yet: call update_scores() after a backward pass before prune()"
             )
+        self.tracker.refresh()
         scores = [s.detach().float().cpu() for s in self.tracker.scores]
         if self.protected is not None:  # ranked last: chosen only if nothing else is left (checked below)
             scores = [s.masked_fill(p, float("inf")) for s, p in zip(scores, self.protected, strict=True)]

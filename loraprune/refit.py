@@ -140,6 +140,42 @@ def ridge_refit(
     return refit, bias.double() + full @ mean - refit @ mean[kept]
 
 
+def removal_costs(
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    keep: torch.Tensor,
+    width: int,
+    lam: float = DEFAULT_LAMBDA,
+) -> torch.Tensor:
+    """The refit-aware cost of removing each kept unit of ``width`` columns of ``weight`` (out×in), fp64
+    per unit, 0 for units ``keep`` (bool per column, whole units) already removes: SliceGPT's
+
+        tr(W_P · ([(C_SS + λI)⁻¹]_PP)⁻¹ · W_Pᵀ)
+
+    for unit ``P`` among the kept columns ``S``, the least ``E‖(W′ − W) x‖² + λ‖W′ − W‖²`` a ridge refit
+    (:func:`ridge_refit`) of ``S`` without ``P`` leaves (the Schur complement of ``S \\ P`` in
+    ``C_SS + λI``). ``covariance`` as the refit uses it (centred where the consumer has a bias), ``lam``
+    relative to its mean kept diagonal and > 0 (the system is then positive definite; inputs that are
+    all zero cost nothing). One ``|S|×|S|`` inverse, then a ``width×width`` solve per unit."""
+    if not lam > 0:
+        raise ValueError(f"removal_costs needs a ridge lam > 0, got {lam!r}")
+    costs = torch.zeros(keep.numel() // width, dtype=torch.float64, device=weight.device)
+    kept = keep.nonzero().squeeze(1)
+    units = len(kept) // width
+    system = covariance[kept][:, kept].double()
+    ridge = lam * float(system.diagonal().mean())
+    if units == 0 or not ridge > 0:
+        return costs
+    system = system + ridge * torch.eye(len(kept), dtype=system.dtype, device=system.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(system))
+    blocks = inverse.view(units, width, units, width).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    removed = weight[:, kept].double().view(-1, units, width).permute(1, 0, 2)  # units × out × width
+    # tr(W_P B⁻¹ W_Pᵀ) = Σ W_Pᵀ ⊙ B⁻¹W_Pᵀ, with B the unit's diagonal block of the inverse
+    solved = torch.linalg.solve(blocks, removed.transpose(1, 2))  # units × width × out
+    costs[kept.view(units, width)[:, 0] // width] = (removed.transpose(1, 2) * solved).sum(dim=(1, 2))
+    return costs
+
+
 def output_error(difference: torch.Tensor, covariance: torch.Tensor, block: int = 256) -> float:
     """``E‖D x‖² = tr(D C Dᵀ)`` from the input's moment ``C``, a block of rows of ``D`` at a time."""
     return sum(float(((rows @ covariance) * rows).sum()) for rows in difference.double().split(block))
@@ -302,5 +338,6 @@ __all__ = [
     "calibration_windows",
     "reconstruct",
     "reconstruct_options",
+    "removal_costs",
     "ridge_refit",
 ]

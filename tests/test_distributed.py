@@ -111,6 +111,7 @@ CRITERIA = {
     "act-squared": {"criterion": "act", "squared": True},
     "magnitude": {"criterion": "magnitude"},
     "random": {"criterion": "random"},
+    "reconstruction": {"criterion": "reconstruction"},  # input moments summed over ranks' tokens
     # distillation: each rank's teacher forward (outside DDP) on its own slice
     "lora-distill": {"criterion": "lora", "run": {"distill_weight": 0.5, "distill_temperature": 2.0}},
     # LoRAShear's parts: protection (rank 0's analysis on every rank), the fade (chosen units checked equal on

@@ -12,14 +12,13 @@ from tiny_models import random_tokens, randomize_lora, tiny_model
 
 from loraprune import LoraPruneConfig, LoraPruner, ops
 from loraprune.cli import main
+from loraprune.config import CRITERIA
 from loraprune.lora_rank import RankPruner, rank_schedule
 from loraprune.nn import LoraPruneLinear, lora_modules
 from loraprune.ops.lora_importance import lora_importance_reference
 from loraprune.ops.masked_lora_linear import masked_lora_linear_reference
 from loraprune.ops.taylor_importance import taylor_importance_reference
 from loraprune.run import PruningRun, RunConfig
-
-CRITERIA = ["lora", "taylor", "act", "magnitude", "random"]
 
 
 def windows(n: int = 48, length: int = 12, seed: int = 0) -> torch.Tensor:

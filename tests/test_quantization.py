@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import loraprune
 from loraprune import LoraPruneConfig, LoraPruneLinear, LoraPruner, ops
 from loraprune.cli import main
+from loraprune.config import CRITERIA
 from loraprune.nn import lora_modules
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
@@ -239,7 +240,7 @@ def test_quantized_weight_errors_name_the_field():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("criterion", ["lora", "taylor", "act", "magnitude", "random"])
+@pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_prunes_a_quantized_base(kind, criterion):
     model = aligned_model()
     pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5, criterion=criterion, quantize_base=kind))

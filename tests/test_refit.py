@@ -1,5 +1,7 @@
 """The closed-form refit of o_proj and down_proj (``reconstruct``): the solve against a least-squares
-reference, the output error it lowers, compaction and saving after it, bad input."""
+reference, the output error it lowers, compaction and saving after it, bad input; the refit-aware
+selection (criterion ``reconstruction``): its removal cost against the refit it anticipates, its moments against
+a reference recorded from the same forwards, resume."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from loraprune import LoraPruneConfig, LoraPruner
 from loraprune.refit import (
     ConsumerStatistics,
     calibration_windows,
+    output_error,
     reconstruct,
     reconstruct_options,
+    removal_costs,
     ridge_refit,
 )
 
@@ -235,3 +239,143 @@ def test_options_are_checked_and_defaulted():
     )
     with pytest.raises(ValueError, match="reconstruct_samples \\(11\\) exceeds the 10 windows"):
         calibration_windows(windows, 11, seed=1)
+
+
+@pytest.mark.parametrize("width", [1, 3, 12])
+@pytest.mark.parametrize("lam", [1e-3, 0.1])
+def test_removal_cost_is_what_the_refit_without_the_unit_leaves(width, lam):
+    """Each kept unit's cost equals E‖(W′ − W) x‖² + λ‖W′ − W‖² of :func:`ridge_refit` over the kept
+    columns without the unit: the refit the criterion anticipates."""
+    generator = torch.Generator().manual_seed(width)
+    units, out = 5, 7
+    columns = units * width
+    weight = torch.randn(out, columns, generator=generator, dtype=torch.float64)
+    x = torch.randn(300, columns, generator=generator, dtype=torch.float64)
+    x = x @ torch.randn(columns, columns, generator=generator, dtype=torch.float64)  # correlated inputs
+    covariance = x.T @ x / len(x)
+    keep = torch.ones(columns, dtype=torch.bool)
+    keep[width : 2 * width] = False  # unit 1 already removed: costs nothing, and is not among S
+    costs = removal_costs(weight, covariance, keep, width, lam)
+    kept = keep.nonzero().squeeze(1)
+    system = covariance[kept][:, kept]
+    statistics = ConsumerStatistics(system, torch.zeros(len(kept), dtype=torch.float64), len(x))
+    ridge = lam * float(system.diagonal().mean())
+    assert costs[1] == 0
+    for unit in (0, 2, 3, 4):
+        without = (kept // width) != unit
+        refit, _ = ridge_refit(weight[:, kept], None, statistics, without, lam)
+        difference = -weight[:, kept]
+        difference[:, without] += refit
+        want = output_error(difference, system) + ridge * float(difference.square().sum())
+        torch.testing.assert_close(costs[unit].item(), want, rtol=1e-9, atol=0)
+
+
+def test_removal_cost_needs_a_ridge_and_zero_inputs_cost_nothing():
+    weight, keep = torch.randn(3, 4, dtype=torch.float64), torch.ones(4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="lam > 0"):
+        removal_costs(weight, torch.eye(4, dtype=torch.float64), keep, 2, 0.0)
+    assert torch.equal(removal_costs(weight, torch.zeros(4, 4, dtype=torch.float64), keep, 2), torch.zeros(2))
+
+
+def recorded_moments(
+    pruner: LoraPruner, steps: int, prune_at: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Train ``steps`` steps with criterion ``reconstruction`` (one eval forward between, which must not count),
+    recording each consumer's inputs with forward pre-hooks; returns the reference moving averages of
+    E[x xᵀ], E[x] per group (fp64, bias-corrected)."""
+    consumers = [next(m.path for m in g.members if m.axis == "in") for g in pruner.groups]
+    seen: dict[str, list[torch.Tensor]] = {path: [] for path in consumers}
+    handles = [
+        pruner.model.get_submodule(path).register_forward_pre_hook(
+            lambda module, args, path=path: (
+                seen[path].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+                if module.training and torch.is_grad_enabled()
+                else None
+            )
+        )
+        for path in consumers
+    ]
+    decay = pruner.config.ema_decay
+    reference = {path: (0.0, 0.0) for path in consumers}
+    for step in range(steps):
+        for micro in range(2):  # two micro-batches a step: moments over both
+            tokens = random_tokens(batch=2, seed=10 * step + micro)
+            pruner.model(input_ids=tokens, labels=tokens).loss.backward()
+        with torch.no_grad():
+            pruner.model.eval()
+            pruner.model(input_ids=random_tokens(batch=1, seed=99))
+            pruner.model.train()
+        pruner.update_scores()
+        pruner.model.zero_grad()
+        for path in consumers:
+            x = torch.cat(seen[path]).double()
+            seen[path].clear()
+            second, mean = reference[path]
+            reference[path] = (
+                decay * second + (1 - decay) * x.T @ x / len(x),
+                decay * mean + (1 - decay) * x.mean(dim=0),
+            )
+        if step == prune_at:
+            pruner.prune(0.3)
+    for handle in handles:
+        handle.remove()
+    correction = 1 - decay**steps
+    return [(reference[p][0] / correction, reference[p][1] / correction) for p in consumers]
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-mha-untied", "llama-gqa-tied", "qwen2-gqa-bias-tied", "llama-biased"]
+)
+def test_reconstruction_criterion_costs_follow_the_recorded_moments(name):
+    model = biased_llama() if name == "llama-biased" else tiny_model(name, layers=3)
+    pruner = LoraPruner(
+        model, LoraPruneConfig(ratio=0.5, criterion="reconstruction", layers=(0, 1, 2), lora_dropout=0.0)
+    )
+    randomize_lora(model)
+    model.train()
+    reference = recorded_moments(pruner, steps=3, prune_at=1)
+    assert pruner.masked_anything()
+    pruner.tracker.refresh()
+    correction = 1 - pruner.config.ema_decay**3
+    for group, scores, (second, mean), (want_second, want_mean) in zip(
+        pruner.groups, pruner.tracker.scores, pruner.tracker.moments, reference, strict=True
+    ):
+        torch.testing.assert_close(second.double() / correction, want_second, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mean.double() / correction, want_mean, rtol=1e-5, atol=1e-6)
+        consumer = model.get_submodule(next(m.path for m in group.members if m.axis == "in"))
+        covariance = ConsumerStatistics(want_second, want_mean, 1).covariance(
+            centred=consumer.bias is not None
+        )
+        width = consumer.in_features // group.num_units
+        want = removal_costs(consumer.merged_weight().double(), covariance, consumer.in_mask, width)
+        torch.testing.assert_close(scores.double(), want, rtol=1e-4, atol=1e-6 * float(want.max()))
+        keep = pruner.keep[pruner.groups.index(group)]
+        assert bool((scores[~keep] == 0).all()) and bool((scores[keep] > 0).all())
+    before = [k.clone() for k in pruner.keep]
+    pruner.prune(0.5)  # the lowest costs among the kept units go next
+    for scores, old, new in zip(pruner.tracker.scores, before, pruner.keep, strict=True):
+        removed = old & ~new
+        if removed.any() and (old & new).any():
+            assert float(scores[removed].max()) <= float(scores[old & new].min())
+
+
+def test_reconstruction_criterion_state_resumes_to_the_same_costs():
+    def trained():
+        model = tiny_model("llama-gqa-tied", layers=3)
+        pruner = LoraPruner(model, LoraPruneConfig(ratio=0.5, criterion="reconstruction", lora_dropout=0.0))
+        randomize_lora(model)
+        model.train()
+        return pruner
+
+    first = trained()
+    recorded_moments(first, steps=2, prune_at=0)
+    second = trained()
+    second.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
+    first.tracker.refresh()
+    second.tracker.refresh()
+    for a, b in zip(first.tracker.scores, second.tracker.scores, strict=True):
+        assert torch.equal(a, b)
+    state = first.state_dict()
+    state.pop(f"{first.groups[0].name}.second_moment")
+    with pytest.raises(ValueError, match="second_moment is missing"):
+        second.load_state_dict(state)
