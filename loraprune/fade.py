@@ -24,7 +24,7 @@ a model with a fade in progress).
 
 Selection follows LoRAPrune's cubic schedule compressed by ``N``: units are chosen (by the criterion's
 scores, among the units neither chosen nor protected) every ``prune_every`` steps past the warm-up and for
-the last time ``N`` steps before the cool-down (:class:`FadeSchedule`), so that the exact target count is
+the last time ``N`` steps before the cool-down (:class:`~loraprune.run.PruneSchedule` with ``fade_steps``), so that the exact target count is
 masked when the cool-down starts, as without a fade. In one-shot mode every unit is chosen after the
 calibration and fades over the first ``N`` steps.
 
@@ -38,16 +38,17 @@ unfused) scales the base's input columns and output rows.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from loraprune.masks import cubic_ratio_between, pruning_steps
 from loraprune.nn import LoraPruneLinear
 from loraprune.quantization import QuantizedLoraPruneLinear
+
+if TYPE_CHECKING:  # run.py builds the schedule and imports this module
+    from loraprune.run import PruneSchedule
 
 DEFAULT_EPSILON = 0.0
 # Elements of a member's slice (fp32) taken at once by the half-space test.
@@ -81,55 +82,6 @@ def check_oneshot_fade(steps: int, fade_steps: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class FadeSchedule:
-    """An iterative :class:`~loraprune.run.PruneSchedule` whose selections fade over ``fade_steps``.
-
-    Units are chosen every ``prune_every`` steps past the warm-up and last at ``end − N`` (``end``: the
-    first step of the cool-down, where the schedule without a fade reaches the target), each time to the
-    cubic schedule's ratio between ``wT`` and ``T − cT − N``; the last ones are masked at ``end``.
-    """
-
-    base: object  # the PruneSchedule
-    fade_steps: int
-
-    def __post_init__(self) -> None:
-        end, start = self.end, self.base.warmup * self.base.steps
-        if end - self.fade_steps <= start:
-            raise ValueError(
-                f"fade_steps ({self.fade_steps}) must be shorter than the pruning window: units are chosen "
-                f"after the warm-up (step {start:g}) and must have faded out by the start of the cool-down "
-                f"(step {end}), so fade_steps < {end - start:g}"
-            )
-
-    steps = property(lambda self: self.base.steps)
-    prune_every = property(lambda self: self.base.prune_every)
-    warmup = property(lambda self: self.base.warmup)
-    cooldown = property(lambda self: self.base.cooldown)
-
-    @property
-    def end(self) -> int:
-        """The first step of the cool-down: every chosen unit is masked by then."""
-        return self.base.prune_steps[-1]
-
-    @functools.cached_property
-    def prune_steps(self) -> tuple[int, ...]:
-        """Optimizer steps after which units are chosen (and start fading)."""
-        return pruning_steps(self.prune_every, self.warmup * self.steps, self.end - self.fade_steps)
-
-    def scoring(self, steps_done: int) -> bool:
-        """Whether the optimizer step after ``steps_done`` steps scores importance (until the last choice)."""
-        return steps_done < self.prune_steps[-1]
-
-    def ratio_after(self, steps_done: int, final_ratio: float) -> float:
-        """The ratio of units chosen (fading or masked) after ``steps_done`` optimizer steps."""
-        past = [t for t in self.prune_steps if t <= steps_done]
-        if not past:
-            return 0.0
-        end = self.steps - self.cooldown * self.steps - self.fade_steps
-        return cubic_ratio_between(max(past), self.warmup * self.steps, end, final_ratio)
-
-
 class Fader:
     """Chooses units as :meth:`LoraPruner.prune` would, fades them out and masks them (module docstring).
 
@@ -139,7 +91,9 @@ class Fader:
     and whether the half-space projection masked it (before the N-th step).
     """
 
-    def __init__(self, pruner, fade_steps: int, epsilon: float, schedule: FadeSchedule | None = None) -> None:
+    def __init__(
+        self, pruner, fade_steps: int, epsilon: float, schedule: PruneSchedule | None = None
+    ) -> None:
         self.pruner, self.fade_steps, self.epsilon, self.schedule = pruner, fade_steps, epsilon, schedule
         sizes = [g.num_units for g in pruner.groups]
         self.start = [torch.full((n,), -1, dtype=torch.int64) for n in sizes]
@@ -384,4 +338,4 @@ def _lora_slice(
     return lora_a.index_select(1, features).T.float() @ lora_b.T.float()
 
 
-__all__ = ["DEFAULT_EPSILON", "FadeSchedule", "Fader", "check_oneshot_fade", "fade_options"]
+__all__ = ["DEFAULT_EPSILON", "Fader", "check_oneshot_fade", "fade_options"]

@@ -43,9 +43,9 @@ from loraprune import lorashear
 from loraprune.config import LoraPruneConfig
 from loraprune.data import WindowSampler
 from loraprune.distill import Distiller, distill_options
-from loraprune.fade import Fader, FadeSchedule
+from loraprune.fade import Fader
 from loraprune.lora_rank import RankSchedule, rank_schedule
-from loraprune.masks import cubic_ratio, pruning_steps
+from loraprune.masks import cubic_ratio_between, pruning_steps
 from loraprune.nn import lora_modules
 from loraprune.protect import Protection, heldout_loss
 from loraprune.pruner import LoraPruner
@@ -76,14 +76,17 @@ class PruneSchedule:
     """The iterative schedule over ``steps`` optimizer steps (the CLI's loop and the Trainer callback).
 
     Masks grow every ``prune_every`` steps past the warm-up (``warmup·steps``) to the cubic schedule's
-    ratio, and reach the target at the first step of the cool-down (``steps − cooldown·steps``);
-    importance is scored on every step before that last pruning step.
+    ratio, and reach the target at the first step of the cool-down (``end``, ``steps − cooldown·steps``);
+    importance is scored on every step before that last pruning step. With ``fade_steps`` N
+    (:mod:`loraprune.fade`) the units are chosen on the same grid, the last time at ``end − N``, to the cubic
+    ratio between ``wT`` and ``T − cT − N``, so that every chosen unit has faded out and is masked at ``end``.
     """
 
     steps: int
     prune_every: int = 10
     warmup: float = 0.1
     cooldown: float = 0.1
+    fade_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("steps", "prune_every"))
@@ -93,29 +96,36 @@ class PruneSchedule:
                 f"steps ({self.steps}) is fewer than prune_every ({self.prune_every}): the "
                 "schedule needs at least one pruning step"
             )
-
-    @functools.cached_property
-    def prune_steps(self) -> tuple[int, ...]:
-        """Optimizer steps after which masks grow: every ``prune_every`` steps past the warm-up,
-        and the first step of the cool-down, which reaches the target."""
-        end = max(1, math.ceil(self.steps - self.cooldown * self.steps))
-        return pruning_steps(self.prune_every, self.warmup * self.steps, end)
+        start = self.warmup * self.steps
+        if self.fade_steps and self.end - self.fade_steps <= start:
+            raise ValueError(
+                f"fade_steps ({self.fade_steps}) must be shorter than the pruning window: units are chosen "
+                f"after the warm-up (step {start:g}) and must have faded out by the start of the cool-down "
+                f"(step {self.end}), so fade_steps < {self.end - start:g}"
+            )
 
     @property
     def end(self) -> int:
         """The first step of the cool-down, where the masks reach the target."""
-        return self.prune_steps[-1]
+        return max(1, math.ceil(self.steps - self.cooldown * self.steps))
+
+    @functools.cached_property
+    def prune_steps(self) -> tuple[int, ...]:
+        """Optimizer steps after which masks grow (with a fade: units are chosen and start fading): every
+        ``prune_every`` steps past the warm-up, and the step that reaches the target (``end − fade_steps``)."""
+        return pruning_steps(self.prune_every, self.warmup * self.steps, self.end - self.fade_steps)
 
     def scoring(self, steps_done: int) -> bool:
-        """Whether the optimizer step after ``steps_done`` steps scores importance."""
+        """Whether the optimizer step after ``steps_done`` steps scores importance (until the last choice)."""
         return steps_done < self.prune_steps[-1]
 
     def ratio_after(self, steps_done: int, final_ratio: float) -> float:
-        """The ratio the masks hold after ``steps_done`` optimizer steps."""
+        """The ratio the masks hold (with a fade: of units chosen) after ``steps_done`` optimizer steps."""
         past = [t for t in self.prune_steps if t <= steps_done]
         if not past:
             return 0.0
-        return cubic_ratio(max(past), self.steps, final_ratio, 0.0, self.warmup, self.cooldown)
+        end = self.steps - self.cooldown * self.steps - self.fade_steps
+        return cubic_ratio_between(max(past), self.warmup * self.steps, end, final_ratio)
 
     def step_done(self, pruner: LoraPruner, steps_done: int) -> None:
         """After optimizer step ``steps_done``: grow the masks on a pruning step; after the last one,
@@ -189,11 +199,10 @@ class RunConfig:
         if self.mode == "iterative":
             self.schedule()
 
-    def schedule(self) -> PruneSchedule | FadeSchedule:
+    def schedule(self) -> PruneSchedule:
         """The iterative mode's pruning schedule (with ``fade_steps``: its selections, compressed so that
         every chosen unit has faded out and is masked at the start of the cool-down)."""
-        schedule = PruneSchedule(self.steps, self.prune_every, self.warmup, self.cooldown)
-        return FadeSchedule(schedule, self.fade_steps) if self.fade_steps else schedule
+        return PruneSchedule(self.steps, self.prune_every, self.warmup, self.cooldown, self.fade_steps)
 
     def prune_steps(self) -> list[int]:
         """Optimizer steps after which masks grow (none in one-shot mode)."""
