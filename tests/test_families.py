@@ -231,12 +231,18 @@ def test_granite_folds_into_llama_with_granite_logits(name):
 )
 def test_save_load_bit_exact_and_pruning_again_composes(name, tmp_path):
     _, model = masked_and_compacted(family_model(name))
-    model.save_pretrained(tmp_path / "first")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", dtype=torch.float32).eval()
-    assert type(loaded) is type(model)
+    loaded = check_save_load_and_pruning_again(model, tmp_path)
     if FAMILIES[CONFIGS[name][0].model_type].fold is None:  # the family's own settings, as they were
         for key, value in family_options(name).items():
             assert getattr(loaded.config, key) == value, key
+
+
+def check_save_load_and_pruning_again(model: torch.nn.Module, tmp_path) -> torch.nn.Module:
+    """A compacted ``model`` saves and loads bit-exact (returned: the loaded one), and pruning the loaded
+    model again composes the plans (kept indices of the original model)."""
+    model.save_pretrained(tmp_path / "first")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", dtype=torch.float32).eval()
+    assert type(loaded) is type(model)
     tokens = random_tokens(length=16)
     assert torch.equal(logits(loaded, tokens), logits(model, tokens))
     first_plan = loaded.config.pruned_layers
@@ -247,12 +253,19 @@ def test_save_load_bit_exact_and_pruning_again_composes(name, tmp_path):
         for key in ("kept_heads", "kept_kv_heads", "kept_channels"):
             assert set(after[key]) <= set(before[key]), key  # indices of the original model
     assert again.config.pruned_layers[3]["intermediate_size"] < first_plan[3]["intermediate_size"] == 40
+    return loaded
 
 
 def test_folders_load_without_loraprune_with_equal_outputs(tmp_path):
+    check_folders_load_without_loraprune({name: family_model(name) for name in CONFIGS}, tmp_path)
+
+
+def check_folders_load_without_loraprune(dense: dict[str, torch.nn.Module], tmp_path) -> None:
+    """Each model, masked and compacted, saved and loaded where loraprune is not installed, gives the same
+    logits and greedy tokens."""
     folders, models = {}, {}
-    for name in CONFIGS:
-        _, models[name] = masked_and_compacted(family_model(name))
+    for name, model in dense.items():
+        _, models[name] = masked_and_compacted(model)
         folders[name] = tmp_path / name
         models[name].save_pretrained(folders[name])
     tokens = random_tokens(length=16)
@@ -287,16 +300,22 @@ def with_tokenizer(model: torch.nn.Module, folder, tiny_llama_dir):
     ],
 )
 def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, calib_text, tmp_path):
-    dense = with_tokenizer(family_model(name, vocab=8192), tmp_path / "dense", tiny_llama_dir)
+    model = check_cli_prune(family_model(name, vocab=8192), tiny_llama_dir, calib_text, tmp_path)
+    widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert min(widths) < 40
+
+
+def check_cli_prune(dense: torch.nn.Module, tiny_llama_dir, calib_text, tmp_path) -> torch.nn.Module:
+    """``loraprune prune`` on ``dense`` (saved with the fixture's tokenizer) writes the family's pruned
+    checkpoint with the tokenizer; returns it loaded through the Auto classes (``tmp_path / "out"``)."""
+    folder = with_tokenizer(dense, tmp_path / "dense", tiny_llama_dir)
     out = tmp_path / "out"
     run = ["--ratio", "0.5", "--steps", "2", "--prune-every", "1", "--seq-len", "32", "--batch-size", "2"]
-    assert main(["prune", str(dense), "--data", str(calib_text), "--out", str(out), *run, "--quiet"]) == 0
-    family = FAMILIES[CONFIGS[name][0].model_type]
+    assert main(["prune", str(folder), "--data", str(calib_text), "--out", str(out), *run, "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == family.pruned_model_type
-    model = AutoModelForCausalLM.from_pretrained(out)
-    widths = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
-    assert min(widths) < 40 and (out / "tokenizer.json").is_file()
+    assert config["model_type"] == FAMILIES[dense.config.model_type].pruned_model_type
+    assert (out / "tokenizer.json").is_file()
+    return AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_tied_qwen3_exports_as_openelm_with_per_layer_counts_and_fused_qkv(tiny_llama_dir, tmp_path):

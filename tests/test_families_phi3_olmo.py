@@ -16,11 +16,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from remote_code import NEW_TOKENS, PROMPT_LENGTH, load_without_loraprune
-from test_families import assert_close, logits, masked_and_compacted, with_tokenizer
+from test_families import (
+    assert_close,
+    check_cli_prune,
+    check_folders_load_without_loraprune,
+    check_save_load_and_pruning_again,
+    logits,
+    masked_and_compacted,
+    with_tokenizer,
+)
 from tiny_models import random_tokens, randomize_weights
 from transformers import (
-    AutoModelForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
@@ -173,54 +179,22 @@ def test_olmo2_norm_rewrite_is_exact_where_naive_slicing_is_not(name):
 @pytest.mark.parametrize("name", ["phi3-gqa-untied", "olmo2-gqa-untied-bias", "olmo3-gqa-tied-window"])
 def test_save_load_bit_exact_and_pruning_again_composes(name, tmp_path):
     _, model = masked_and_compacted(family_model(name))
-    model.save_pretrained(tmp_path / "first")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first", dtype=torch.float32).eval()
-    assert type(loaded) is type(model)
-    tokens = random_tokens(length=16)
-    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
-    first_plan = loaded.config.pruned_layers
-    masked, again = masked_and_compacted(loaded, lora=False, layers=(1, 2, 3))
-    assert_close(logits(again, random_tokens(length=16)), masked)
-    for before, after in zip(first_plan, again.config.pruned_layers, strict=True):
-        for key in ("kept_heads", "kept_kv_heads", "kept_channels"):
-            assert set(after[key]) <= set(before[key]), key
-    assert again.config.pruned_layers[3]["intermediate_size"] < first_plan[3]["intermediate_size"] == 40
+    check_save_load_and_pruning_again(model, tmp_path)
 
 
 def test_folders_load_without_loraprune_with_equal_outputs(tmp_path):
-    folders, models = {}, {}
-    for name in CONFIGS:
-        _, models[name] = masked_and_compacted(family_model(name))
-        folders[name] = tmp_path / name
-        models[name].save_pretrained(folders[name])
-    tokens = random_tokens(length=16)
-    results = load_without_loraprune(folders, tokens, tmp_path)
-    for name, folder in folders.items():
-        config = json.loads((folder / "config.json").read_text())
-        class_name, remote_logits, remote_greedy = results[name]
-        assert class_name == config["architectures"][0] == type(models[name]).__name__
-        assert torch.equal(remote_logits, logits(models[name], tokens)), name
-        greedy = models[name].generate(
-            tokens[:1, :PROMPT_LENGTH], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-        )
-        assert torch.equal(remote_greedy, greedy), name
+    check_folders_load_without_loraprune({name: family_model(name) for name in CONFIGS}, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["phi3-mha-tied", "olmo2-gqa-untied-bias"])
 def test_cli_prune_writes_the_family_pruned_checkpoint(name, tiny_llama_dir, calib_text, tmp_path, capsys):
-    dense = with_tokenizer(family_model(name, vocab=8192), tmp_path / "dense", tiny_llama_dir)
-    out = tmp_path / "out"
-    run = ["--ratio", "0.5", "--steps", "2", "--prune-every", "1", "--seq-len", "32", "--batch-size", "2"]
-    assert main(["prune", str(dense), "--data", str(calib_text), "--out", str(out), *run, "--quiet"]) == 0
-    family = FAMILIES[CONFIGS[name][0].model_type]
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == family.pruned_model_type
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert min(pruned_layer_widths(model)) < 40 and (out / "tokenizer.json").is_file()
+    model = check_cli_prune(family_model(name, vocab=8192), tiny_llama_dir, calib_text, tmp_path)
+    assert min(pruned_layer_widths(model)) < 40
     capsys.readouterr()
+    out = tmp_path / "out"
     assert main(["info", str(out), "--json"]) == 0  # per-layer counts, read from the (fused) modules
     info = json.loads(capsys.readouterr().out)
-    plan = config["pruned_layers"]
+    plan = json.loads((out / "config.json").read_text())["pruned_layers"]
     assert [layer["heads"] for layer in info["layers"]] == [e["num_attention_heads"] for e in plan]
     assert [layer["channels"] for layer in info["layers"]] == [e["intermediate_size"] for e in plan]
 
