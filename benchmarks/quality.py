@@ -22,7 +22,8 @@ schedule, ratio and seed change. Methods (``--methods``):
   unpruned model while fine-tuning), and both (issue #24). Since this study the refit is on by
   default and distillation off: ``taylor-refit`` is loraprune's default settings; every other method
   passes ``--no-reconstruct --distill-weight 0`` before its own flags (LoRAPrune, LLM-Pruner and
-  Torch-Pruning have neither). ``lora-refit``: the paper's LoRA criterion with the refit.
+  Torch-Pruning have neither). ``lora-refit``: the paper's LoRA criterion with the refit;
+  ``reconstruction-refit``: the refit-aware selection (``--criterion reconstruction``) with it.
 - ``lorashear``, ``default-protect``, ``default-fade``: LoRAShear (issue #25) on the package's default
   settings (``taylor-refit``): ``--method lorashear`` (every layer pruned, the most damaging 10% of each
   kind's layer groups protected by their held-out loss increase, each chosen unit's base faded out over
