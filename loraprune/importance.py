@@ -152,11 +152,12 @@ class ScoreCapture:
         self.backwards = 0
         return value
 
-    def take_moments(self) -> ConsumerStatistics:
-        """``reconstruction``: this step's ``E[x xᵀ]`` and ``E[x]`` (fp32); resets the accumulators."""
+    def take_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``reconstruction``: this step's ``E[x xᵀ]`` and ``E[x]`` (fp32, on the device: no host sync in the
+        training step); resets the accumulators."""
         self._check_collected()
         tokens = self.tokens.clamp(min=1).float()
-        value = ConsumerStatistics(self.buffer / tokens, self.sums / tokens, int(self.tokens))
+        value = (self.buffer / tokens, self.sums / tokens)
         for accumulator in (self.buffer, self.sums, self.tokens):
             accumulator.zero_()
         self.backwards = 0
@@ -323,14 +324,17 @@ class ImportanceTracker:
         steps = [self._capture(_input_member(group)).take_moments() for group in self.groups]
         home = self.scores[0].device
         applied = torch.stack(
-            [(torch.isfinite(s.second_moment).all() & torch.isfinite(s.mean).all()).to(home) for s in steps]
+            [
+                (torch.isfinite(moment).all() & torch.isfinite(average).all()).to(home)
+                for moment, average in steps
+            ]
         ).all()
-        for now, (second, mean), updates, skipped in zip(
+        for (moment, average), (second, mean), updates, skipped in zip(
             steps, self.moments, self.num_updates, self.num_skipped, strict=True
         ):
             flag = applied.to(second.device)
-            _blend(mean, now.mean, self.decay, flag)
-            _moving_average(second, now.second_moment, self.decay, updates, skipped, flag)
+            _blend(mean, average, self.decay, flag)
+            _moving_average(second, moment, self.decay, updates, skipped, flag)
 
     @torch.no_grad()
     def refresh(self) -> None:
