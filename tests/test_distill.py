@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from tiny_models import random_tokens, randomize_lora, tiny_model
 
 from loraprune import LoraPruneConfig, LoraPruner
+from loraprune.checkpoint import pruning_state
 from loraprune.distill import Distiller, distill_options, kl_divergence, teacher_hidden_states
-from loraprune.run import PruningRun, RunConfig, pruning_state
+from loraprune.run import PruningRun, RunConfig
 
 
 def test_chunked_kl_equals_the_whole_tensor_reference_in_value_and_gradient():

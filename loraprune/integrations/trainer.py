@@ -50,17 +50,17 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from loraprune.config import LoraPruneConfig
-from loraprune.distributed import DistributedPruner, launched_data_parallel
-from loraprune.pruner import LoraPruner
-from loraprune.run import (
-    PruneSchedule,
+from loraprune.checkpoint import (
     check_same_settings,
     load_pruning_state,
     pruning_state,
     read_checkpoint_file,
     write_checkpoint_file,
 )
+from loraprune.config import LoraPruneConfig
+from loraprune.distributed import DistributedPruner, launched_data_parallel
+from loraprune.pruner import LoraPruner
+from loraprune.run import PruneSchedule
 from loraprune.structures import build_groups, unwrap_model
 
 STATE_FILE = "loraprune_state.safetensors"
