@@ -20,21 +20,22 @@ schedule, ratio and seed change. Methods (``--methods``):
 - ``taylor-refit``, ``taylor-distill``, ``taylor-refit-distill``: ``taylor`` with ``--reconstruct``
   (closed-form refit of o_proj/down_proj before compaction), ``--distill-weight 0.5`` (KL to the
   unpruned model while fine-tuning), and both (issue #24). Since this study the refit is on by
-  default and distillation off: ``taylor-refit`` is loraprune's default settings; every other method
+  default and distillation off, and since its criterion rows (``act``, ``act-refit``) ``act`` is the default
+  criterion: ``act-refit`` is loraprune's default settings (``taylor-refit`` before); every other method
   passes ``--no-reconstruct --distill-weight 0`` before its own flags (LoRAPrune, LLM-Pruner and
-  Torch-Pruning have neither). ``lora-refit``: the paper's LoRA criterion with the refit;
+  Torch-Pruning have neither). ``lora-refit``, ``act-refit``: the paper's LoRA criterion, ``act``, with the refit;
   ``reconstruction-refit``: the refit-aware selection (``--criterion reconstruction``) with it.
-- ``lorashear``, ``default-protect``, ``default-fade``: LoRAShear (issue #25) on the package's default
-  settings (``taylor-refit``): ``--method lorashear`` (every layer pruned, the most damaging 10% of each
-  kind's layer groups protected by their held-out loss increase, each chosen unit's base faded out over
-  ``--prune-every`` steps); its protection alone, in place of LoRAPrune's fixed skip of the first and
-  last layers (``--layers all --protect-fraction 0.134``); its fade alone (``--fade-steps`` = the budget's
-  ``--prune-every``). ``lorashear-distill``: ``lorashear`` with distillation too (compare with
-  ``taylor-refit-distill``). ``lorashear-matched`` and ``default-protect`` protect ``γ = 0.134`` instead:
-  ``round(γ·30)`` = 4 groups of each kind on SmolLM2, as many as the layers LoRAPrune's default skips by
-  hand (the first 3 and the last), so that their parameter count equals the default's (at γ 0.1, 3 of
-  each kind stay exempt and 50% prunes 2.3% more parameters than the default, outside the study's 2%).
-  The pairs have one calibration text, so LoRAShear's staged recovery over
+- ``lorashear``, ``lorashear-matched``, ``default-protect``, ``default-fade``: LoRAShear (issue #25) on the
+  package's default settings: ``--method lorashear`` (every layer pruned, the most damaging γ of each kind's
+  layer groups protected by their held-out loss increase, each chosen unit's base faded out over
+  ``--prune-every`` steps); its protection alone, in place of LoRAPrune's fixed skip of the first and last
+  layers (``--layers all`` with γ); its fade alone (``--fade-steps`` = the budget's ``--prune-every``).
+  ``lorashear`` and ``default-fade`` ran on ``taylor-refit`` (the defaults then) with the package's γ 0.1,
+  which leaves 3 groups of each kind exempt on SmolLM2 where LoRAPrune skips 4 layers by hand, so that 50%
+  prunes 2.3% more parameters than the default (outside the study's 2%). ``lorashear-matched`` and
+  ``default-protect`` run on ``act-refit`` with γ 0.134 (``round(γ·30)`` = 4 of each kind): the default's
+  parameter count exactly. ``lorashear-distill``: ``lorashear`` with distillation too (compare with
+  ``taylor-refit-distill``). The pairs have one calibration text, so LoRAShear's staged recovery over
   several sources (``--recovery-data``) is not part of the study: its cool-down is the same fine-tuning
   as the others'.
 - ``tp-taylor``, ``tp-magnitude``: Torch-Pruning 1.6.1 (``pip install torch-pruning==1.6.1``) with
@@ -92,7 +93,7 @@ from benchmarks.torch_pruning_baseline import INSTALL as TORCH_PRUNING_INSTALL
 from benchmarks.torch_pruning_baseline import REPORT_NAME as TORCH_PRUNING_REPORT
 
 # every method runs without the refit and distillation unless its name says so (the package refits by
-# default since the study below: ``taylor-refit`` is loraprune's default settings)
+# default since the study below: ``act-refit`` is loraprune's default settings)
 WITHOUT = ("--no-reconstruct", "--distill-weight", "0")
 REFIT = ("--reconstruct",)
 DISTILL = ("--distill-weight", "0.5")
@@ -119,6 +120,7 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "taylor-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *DISTILL)),
     "taylor-refit-distill": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, *DISTILL)),
     "lora-refit": ("lora", "iterative", REFIT),  # the paper's criterion with the refit
+    "act-refit": ("act", "iterative", REFIT),
     # the refit-aware selection (SliceGPT's removal cost from o_proj/down_proj input moments) before the refit
     "reconstruction-refit": ("reconstruction", "iterative", REFIT),
     # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned), then each of
@@ -129,16 +131,9 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
         "iterative",
         ("--taylor-impl", "fused", *REFIT, *DISTILL, "--method", "lorashear"),
     ),
-    "lorashear-matched": (
-        "taylor",
-        "iterative",
-        ("--taylor-impl", "fused", *REFIT, "--method", "lorashear", *MATCHED_PROTECTION),
-    ),
-    "default-protect": (
-        "taylor",
-        "iterative",
-        ("--taylor-impl", "fused", *REFIT, "--layers", "all", *MATCHED_PROTECTION),
-    ),
+    # on the defaults since the criterion study (act-refit)
+    "lorashear-matched": ("act", "iterative", (*REFIT, "--method", "lorashear", *MATCHED_PROTECTION)),
+    "default-protect": ("act", "iterative", (*REFIT, "--layers", "all", *MATCHED_PROTECTION)),
     "default-fade": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
     # Torch-Pruning prunes first (TORCH_PRUNING); the recovery is FINETUNE's run at ratio 0
     "tp-taylor": ("lora", "iterative", ()),

@@ -82,7 +82,7 @@ def memory_worker(base: str, layers: int, seq_len: int) -> dict:
         model,
         LoraPruneConfig(
             ratio=0.5,
-            criterion="lora",  # the step the README's figures measure (the default is now taylor)
+            criterion="lora",  # the step the README's figures measure (not the default criterion)
             quantize_base=quantize,
             lora_dropout=0.0,
             layers=tuple(range(layers)),

@@ -172,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, metavar="OUT_DIR", help="where the pruned model is written")
     prune.add_argument(
         "--criterion",
-        default="taylor",
+        default="act",
         choices=list(CRITERIA),
-        help="importance: lora (LoRAPrune estimate), taylor (first-order Taylor of the weights), act "
-        "(first-order Taylor of heads/channels from activations), magnitude, reconstruction (the o_proj/down_proj "
+        help="importance: act (default: first-order Taylor of heads/channels from activations), lora (LoRAPrune "
+        "estimate), taylor (first-order Taylor of the weights), magnitude, reconstruction (the o_proj/down_proj "
         "output error the closed-form refit cannot undo), random",
     )
     prune.add_argument(

@@ -27,7 +27,7 @@ class LoraPruneConfig:
         criterion: importance criterion: ``lora`` (LoRAPrune: from LoRA factors and their
             gradients), ``taylor`` (LLM-Pruner first order, element-wise ``|∂L/∂W ⊙ W'|``),
             ``act`` (structure-level first-order Taylor from the o_proj / down_proj inputs and
-            their gradients, in loss units), ``magnitude`` (L2 of the merged weights), ``reconstruction``
+            their gradients, in loss units; the default), ``magnitude`` (L2 of the merged weights), ``reconstruction``
             (the o_proj / down_proj output error the closed-form refit cannot undo, from their input
             moments) or ``random`` (seeded). See :mod:`loraprune.importance`.
         taylor_impl: how ``taylor`` is computed: ``fused`` (from each layer's input and output
@@ -75,7 +75,7 @@ class LoraPruneConfig:
     """
 
     ratio: float = 0.5
-    criterion: str = "taylor"
+    criterion: str = "act"
     taylor_impl: str | None = None
     lora_r: int = 8
     lora_alpha: float = 16.0

@@ -229,7 +229,7 @@ def test_errors_name_the_argument():
         ),
         (
             ["--lora-members", "all"],
-            "--lora-members applies to criterion 'lora' only, got criterion 'taylor'",
+            "--lora-members applies to criterion 'lora' only, got criterion 'act'",
         ),
     ],
 )

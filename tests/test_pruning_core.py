@@ -22,6 +22,9 @@ def trained_pruner(model, steps: int = 2, **overrides) -> LoraPruner:
     """A pruner whose scores saw ``steps`` backward passes (no optimizer: scores only)."""
     overrides.setdefault("lora_dropout", 0.0)
     overrides.setdefault("layers", (0, 1, 2))
+    # assert_logits_close's bound was measured on taylor's units: with random LoRA factors these models
+    # move their logits by ~5e-4 when every weight moves by one ulp, and which units go changes the rounding
+    overrides.setdefault("criterion", "taylor")
     pruner = LoraPruner(model, LoraPruneConfig(**overrides))
     randomize_lora(pruner.model)
     for step in range(steps):
@@ -294,7 +297,7 @@ def test_a_step_with_nan_in_any_group_is_skipped_in_every_group():
 def test_peft_adapters_give_the_same_scores_as_native_lora():
     peft = pytest.importorskip("peft")
     tokens = random_tokens(seed=4)
-    native = trained_pruner(tiny_model("llama-gqa-tied"), steps=0)
+    native = trained_pruner(tiny_model("llama-gqa-tied"), steps=0, criterion="act")  # the default
     peft_model = peft.get_peft_model(
         tiny_model("llama-gqa-tied"),
         peft.LoraConfig(
@@ -307,7 +310,7 @@ def test_peft_adapters_give_the_same_scores_as_native_lora():
             if hasattr(module, "lora_A") and path in native_modules:
                 module.lora_A["default"].weight.copy_(native_modules[path].lora_A)
                 module.lora_B["default"].weight.copy_(native_modules[path].lora_B)
-    adopted = LoraPruner(peft_model, LoraPruneConfig(lora_dropout=0.0, layers=(0, 1, 2)))
+    adopted = LoraPruner(peft_model, LoraPruneConfig(criterion="act", lora_dropout=0.0, layers=(0, 1, 2)))
     for pruner in (native, adopted):
         pruner.model(input_ids=tokens, labels=tokens).loss.backward()
         pruner.update_scores()

@@ -130,6 +130,7 @@ CASES = {
     "tiny-llama-lora": ("tiny-llama", "lora", 1, False),
     "tiny-llama-peft-lora": ("tiny-llama-peft", "lora", 1, False),
     "random-taylor-accum-checkpointing": ("random", "taylor", 2, True),
+    "random-act-accum-checkpointing": ("random", "act", 2, True),
 }
 
 
@@ -314,7 +315,9 @@ def test_models_and_settings_it_cannot_prune_are_refused():
     with pytest.raises(ValueError, match="warmup and cooldown"):
         LoraPruneCallback(tiny_model(), LoraPruneConfig(**PRUNE), warmup=0.6, cooldown=0.5)
     with pytest.raises(ValueError, match="taylor_impl 'materialized'"):
-        LoraPruneCallback(tiny_model(), LoraPruneConfig(taylor_impl="materialized", **PRUNE))
+        LoraPruneCallback(
+            tiny_model(), LoraPruneConfig(criterion="taylor", taylor_impl="materialized", **PRUNE)
+        )
 
 
 def test_an_optimizer_made_before_the_patch_and_a_late_callback_are_refused(tmp_path):
