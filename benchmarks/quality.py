@@ -123,15 +123,16 @@ METHODS = {  # name: (criterion, mode, extra CLI flags)
     "act-refit": ("act", "iterative", REFIT),
     # the refit-aware selection (SliceGPT's removal cost from o_proj/down_proj input moments) before the refit
     "reconstruction-refit": ("reconstruction", "iterative", REFIT),
-    # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned), then each of
-    # its parts alone, all on the package's defaults (default-fade's --fade-steps: the budget's --prune-every)
+    # issue #25: LoRAShear (protection and fade at their --method defaults, every layer pruned) and, below,
+    # its fade alone (--fade-steps: the budget's --prune-every), on taylor-refit, the defaults then
     "lorashear": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT, "--method", "lorashear")),
     "lorashear-distill": (
         "taylor",
         "iterative",
         ("--taylor-impl", "fused", *REFIT, *DISTILL, "--method", "lorashear"),
     ),
-    # on the defaults since the criterion study (act-refit)
+    # LoRAShear and its protection alone on act-refit, the defaults since the criterion study, protecting as
+    # many groups as the default skips by hand (MATCHED_PROTECTION)
     "lorashear-matched": ("act", "iterative", (*REFIT, "--method", "lorashear", *MATCHED_PROTECTION)),
     "default-protect": ("act", "iterative", (*REFIT, "--layers", "all", *MATCHED_PROTECTION)),
     "default-fade": ("taylor", "iterative", ("--taylor-impl", "fused", *REFIT)),
